@@ -1,0 +1,116 @@
+"""The one protocol every federated algorithm follows.
+
+A round is: the server sends a payload, each sampled client runs `client_update` on its
+own data and private state and returns an upload, the server `aggregate`s the uploads
+(weighted by sample counts) into the next payload. Payloads and uploads are flat dicts of
+tensors, so the in-process simulation passes them in memory, a transport such as Flower
+carries them as records, and `payload_nbytes` counts exactly what would travel. Anything
+private (teacher, auxiliary matrices, control variates, local BN statistics, optimizer
+state) lives in the client state, which never leaves the client.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Payload = dict[str, torch.Tensor]
+ClientState = dict[str, Any]
+ServerState = dict[str, Any]
+Metrics = dict[str, float]
+
+
+class ConfigurationError(ValueError):
+    """A parameter is invalid; raised before any training starts, naming the fix."""
+
+
+@dataclass
+class ClientData:
+    """One hospital's tensors, resident on the compute device for the whole run.
+
+    Images are float32 in [0, 1], shape (N, C, H, W); labels are int64, shape (N,).
+    `train_is_synthetic` flags rows that came from the synthetic set (never in val/test).
+    """
+
+    client_id: int
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    device_id: int = 0
+    train_is_synthetic: torch.Tensor | None = None
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the models need to know about the dataset."""
+
+    in_channels: int
+    num_classes: int
+    image_size: int = 28
+
+
+@dataclass
+class RoundContext:
+    """Per-round facts every client and the server may use."""
+
+    round: int
+    num_rounds: int
+    seed: int
+    device: torch.device
+    use_amp: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def payload_nbytes(payload: Payload) -> int:
+    """Exact bytes of the tensors in a payload (the wire format without framing)."""
+    return int(sum(t.numel() * t.element_size() for t in payload.values()))
+
+
+class FederatedAlgorithm(ABC):
+    """Base class of all methods; see the module docstring for the round protocol."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def init_server(self, seed: int) -> tuple[ServerState, Payload]:
+        """Create the server state and the first payload broadcast to clients."""
+
+    @abstractmethod
+    def init_client(self, client_id: int, data: ClientData, seed: int) -> ClientState:
+        """Create a client's private state (models, optimizers, aux matrices, ...)."""
+
+    @abstractmethod
+    def client_update(
+        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
+    ) -> tuple[Payload, ClientState, Metrics]:
+        """Train locally from `payload`; return the upload, the new private state, metrics."""
+
+    @abstractmethod
+    def aggregate(
+        self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
+    ) -> tuple[Payload, ServerState]:
+        """Combine (upload, n_train_samples) pairs into the next payload."""
+
+    @abstractmethod
+    def global_model(self, server_state: ServerState) -> nn.Module | None:
+        """The shared model evaluated on the global test set (None for local-only)."""
+
+    @abstractmethod
+    def personalized_model(self, state: ClientState, server_state: ServerState) -> nn.Module:
+        """The model a hospital would use, evaluated on its local test split."""
+
+    def payload_bytes_dense(self, server_state: ServerState) -> int:
+        """Bytes FedAvg would send for the same shared model (the compression baseline)."""
+        model = self.global_model(server_state)
+        return 0 if model is None else int(sum(p.numel() * p.element_size() for p in model.state_dict().values()))

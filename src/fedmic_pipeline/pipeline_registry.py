@@ -1,0 +1,12 @@
+"""Project pipelines: one per stage, and `__default__` chaining them in data-flow order."""
+
+from kedro.framework.project import find_pipelines
+from kedro.pipeline import Pipeline
+
+DEFAULT_CHAIN = ("data_ingestion", "data_partition")
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    pipelines = find_pipelines(raise_errors=True)
+    pipelines["__default__"] = sum((pipelines[name] for name in DEFAULT_CHAIN), Pipeline([]))
+    return pipelines
