@@ -19,6 +19,8 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
+# DVC stages call `kedro`; the venv's tools come first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 ARGS ?=
 PYTEST_ARGS ?=
