@@ -8,5 +8,7 @@ DEFAULT_CHAIN = ("data_ingestion", "data_partition")
 
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum((pipelines[name] for name in DEFAULT_CHAIN), Pipeline([]))
+    # `kedro run --pipeline X` may load only X; the default chain exists when all its parts do.
+    if all(name in pipelines for name in DEFAULT_CHAIN):
+        pipelines["__default__"] = sum((pipelines[name] for name in DEFAULT_CHAIN), Pipeline([]))
     return pipelines

@@ -1,5 +1,6 @@
 """Kedro datasets of the project: deterministic, atomically written files."""
 
-from .npz_dataset import NpzDataset
+from .npz_dataset import NpzDataset, npy_bytes
+from .torch_model_dataset import TorchModelDataset
 
-__all__ = ["NpzDataset"]
+__all__ = ["NpzDataset", "npy_bytes", "TorchModelDataset"]

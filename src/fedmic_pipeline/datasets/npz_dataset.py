@@ -22,6 +22,16 @@ from kedro.io.core import AbstractDataset, DatasetError, get_filepath_str, get_p
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The exact bytes of `array` as an .npy member (what the manifest hashes name)."""
+    array = np.asarray(array, order="C")
+    if array.dtype == object:
+        raise DatasetError("Arrays of dtype object cannot be saved; use numeric or fixed-width string arrays.")
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def save_npz_deterministic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """Write `arrays` to `path` as an .npz whose bytes depend only on the arrays."""
     target = Path(path)
@@ -30,15 +40,10 @@ def save_npz_deterministic(path: str | os.PathLike, arrays: dict[str, np.ndarray
     try:
         with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
             for key in sorted(arrays):
-                array = np.asarray(arrays[key])
-                if array.dtype == object:
-                    raise DatasetError(f"Array '{key}' has dtype object; only plain numeric or string arrays can be saved.")
-                buffer = io.BytesIO()
-                np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=_FIXED_ZIP_TIME)
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.external_attr = 0o644 << 16
-                archive.writestr(info, buffer.getvalue())
+                archive.writestr(info, npy_bytes(arrays[key]))
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -1,0 +1,56 @@
+"""A Kedro dataset for trained torch models, stored as architecture + weights.
+
+Only the state dict and the recipe to rebuild the module (architecture name, data spec,
+keyword arguments) are written, never a pickled module, so a file can be loaded by a
+newer version of the code and audited without executing arbitrary pickles.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kedro.io.core import AbstractDataset, DatasetError, get_filepath_str, get_protocol_and_path
+
+
+class TorchModelDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
+    """Saves/loads `{"architecture": str, "spec": dict, "kwargs": dict, "state_dict": ...}`."""
+
+    REQUIRED_KEYS = ("architecture", "spec", "state_dict")
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        protocol, path = get_protocol_and_path(filepath)
+        if protocol not in ("file", ""):
+            raise DatasetError(f"TorchModelDataset writes local files only, got '{protocol}' in {filepath}.")
+        self._filepath = PurePosixPath(path)
+        self.metadata = metadata
+
+    def load(self) -> dict[str, Any]:
+        import torch
+
+        return torch.load(get_filepath_str(self._filepath, "file"), map_location="cpu", weights_only=True)
+
+    def save(self, data: dict[str, Any]) -> None:
+        import torch
+
+        missing = [key for key in self.REQUIRED_KEYS if key not in data]
+        if missing:
+            raise DatasetError(f"A model record needs keys {self.REQUIRED_KEYS}; missing {missing}.")
+        target = Path(get_filepath_str(self._filepath, "file"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            torch.save(data, tmp_name)
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def _exists(self) -> bool:
+        return Path(get_filepath_str(self._filepath, "file")).is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}

@@ -1,0 +1,1 @@
+"""Figures and tables for humans: built from arrays, returned as matplotlib Figures."""

@@ -1,0 +1,1 @@
+"""Lineage and MLflow tracking: what links a model to its data, code and parameters."""
