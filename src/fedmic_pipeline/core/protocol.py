@@ -81,6 +81,17 @@ class FederatedAlgorithm(ABC):
     """Base class of all methods; see the module docstring for the round protocol."""
 
     name: str = "abstract"
+    #: Where the algorithm builds its models; set by the runner through `to()` before
+    #: `init_server`. Defaults to the CPU so an algorithm that never reads it still works.
+    device: torch.device = torch.device("cpu")
+    #: True only for the centralized reference: the runner pools every client's data into
+    #: one in-process "client" instead of running a federation (see simulation.py).
+    pools_clients: bool = False
+
+    def to(self, device: torch.device | str) -> "FederatedAlgorithm":
+        """Choose the device for models built afterwards (called by the runner, once)."""
+        self.device = torch.device(device)
+        return self
 
     @abstractmethod
     def init_server(self, seed: int) -> tuple[ServerState, Payload]:

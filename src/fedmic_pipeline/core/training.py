@@ -1,0 +1,299 @@
+"""Local training and payload arithmetic shared by every algorithm.
+
+* ``train_local`` runs E epochs of mini-batch training over resident tensors, with hooks
+  for the method-specific parts: ``extra_loss`` (FedProx's proximal term, MOON's
+  contrastive term, Ditto's regulariser) and ``before_step`` (SCAFFOLD's gradient
+  correction). Loss and accuracy are accumulated on the device and read once at the end,
+  so a GPU never waits on a per-batch ``.item()``.
+* Payload helpers: a payload is a flat ``{state_dict key: tensor}`` dict (see protocol.py).
+  ``weighted_average`` weights every upload by its client's number of training samples,
+  never uniformly (a known flaw of public code in this family).
+
+How integer buffers are averaged: BatchNorm's ``num_batches_tracked`` (int64) is averaged
+with the same sample weights in float64 and rounded to the nearest integer. It only
+matters when BN momentum is None (cumulative averaging), which these models do not use;
+rounding keeps the dtype, so payload bytes stay exact and identical in every round.
+Floating tensors are averaged in float64 and cast back, so the result does not depend on
+the order of clients beyond float64 rounding, and one client with weight 1 is returned
+bit-exactly (what the FedAvg == local training exactness test relies on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import amp_dtype, iterate_batches
+from .protocol import ClientData, ConfigurationError, Payload, RoundContext
+
+__all__ = [
+    "OPTIMIZERS",
+    "BeforeStep",
+    "ExtraLoss",
+    "TrainStats",
+    "apply_delta",
+    "autocast",
+    "forward_with_features",
+    "make_grad_scaler",
+    "make_optimizer",
+    "model_delta",
+    "parameter_keys",
+    "payload_to_state",
+    "state_to_payload",
+    "train_local",
+    "weighted_average",
+    "weighted_sum",
+]
+
+#: extra_loss(model, x, y, features, logits) -> scalar tensor added to the cross-entropy.
+#: ``features`` is None when the model has no ``features``/``classifier`` split.
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+#: before_step(model) runs after backward (gradients unscaled) and before optimizer.step.
+BeforeStep = Callable[[nn.Module], None]
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter] | Iterable[dict],
+    name: str,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """'sgd' (with ``momentum``), 'adam' or 'adamw' (``momentum`` is beta1 when > 0).
+
+    ``foreach`` implementations are used: one fused kernel per step over all tensors,
+    which matters for small models where Python overhead per parameter dominates.
+    """
+    key = name.lower()
+    if key == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    betas = (momentum if momentum > 0 else 0.9, 0.999)
+    if key == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
+    if key == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
+    raise ConfigurationError(f"Unknown optimizer '{name}'. Valid optimizers: {', '.join(OPTIMIZERS)}.")
+
+
+def autocast(ctx: RoundContext) -> contextlib.AbstractContextManager:
+    """Autocast on CUDA when ``ctx.use_amp`` (dtype ``ctx.extras['amp_dtype']`` or the
+    device default: bf16 where supported, else fp16); a no-op context otherwise."""
+    if not ctx.use_amp or ctx.device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = ctx.extras.get("amp_dtype") or amp_dtype(ctx.device)
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def make_grad_scaler(ctx: RoundContext) -> torch.amp.GradScaler | None:
+    """A GradScaler only for fp16 autocast (bf16 has fp32's range and needs none)."""
+    if not ctx.use_amp or ctx.device.type != "cuda":
+        return None
+    dtype = ctx.extras.get("amp_dtype") or amp_dtype(ctx.device)
+    return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
+def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(features, logits) in one pass for models with ``features``+``classifier``, else (None, model(x))."""
+    if hasattr(model, "features") and hasattr(model, "classifier"):
+        h = model.features(x)
+        return h, model.classifier(h)
+    return None, model(x)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Means over every training sample seen in ``train_local`` (all epochs)."""
+
+    loss: float  # cross-entropy, comparable across methods
+    objective: float  # cross-entropy + extra_loss: what was minimised
+    accuracy: float
+    num_samples: int  # samples seen (epochs x data), the FedAvg weight is the data size
+    num_steps: int  # optimizer steps taken (SCAFFOLD's K)
+
+    def as_metrics(self, prefix: str = "") -> dict[str, float]:
+        return {
+            f"{prefix}loss": self.loss,
+            f"{prefix}objective": self.objective,
+            f"{prefix}accuracy": self.accuracy,
+            f"{prefix}num_samples": float(self.num_samples),
+            f"{prefix}num_steps": float(self.num_steps),
+        }
+
+
+def train_local(
+    model: nn.Module,
+    data: ClientData | tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    ctx: RoundContext,
+    extra_loss: ExtraLoss | None = None,
+    before_step: BeforeStep | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> TrainStats:
+    """Train ``model`` in place for ``epochs`` passes over the data; return mean loss/acc.
+
+    The optimizer is passed in (see ``make_optimizer``) so a method decides whether its
+    state persists across rounds (local-only, centralized) or starts fresh each round
+    (FedAvg and its family, as in McMahan et al.). Batches are drawn from ``generator``;
+    a trailing batch of one sample is dropped (BatchNorm). Under ``ctx.use_amp`` the
+    forward pass runs in autocast and fp16 uses a GradScaler (created if not given).
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ConfigurationError(f"train_local needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}.")
+    x, y = (data.train_x, data.train_y) if isinstance(data, ClientData) else data
+    if int(y.shape[0]) == 0:
+        raise ConfigurationError("train_local got an empty training set.")
+    if scaler is None:
+        scaler = make_grad_scaler(ctx)
+    model.train()
+    ce_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    obj_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    seen = steps = 0
+    for _ in range(epochs):
+        for xb, yb in iterate_batches(x, y, batch_size, generator, min_batch=2):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(ctx):
+                feats, logits = forward_with_features(model, xb)
+                ce = F.cross_entropy(logits.float(), yb)
+                loss = ce if extra_loss is None else ce + extra_loss(model, xb, yb, feats, logits)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                if before_step is not None:
+                    before_step(model)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if before_step is not None:
+                    before_step(model)
+                optimizer.step()
+            bs = int(yb.shape[0])
+            ce_sum += ce.detach() * bs
+            obj_sum += loss.detach().float() * bs
+            correct += (logits.detach().argmax(dim=1) == yb).sum()
+            seen += bs
+            steps += 1
+    return TrainStats(
+        loss=float(ce_sum) / seen,
+        objective=float(obj_sum) / seen,
+        accuracy=float(correct) / seen,
+        num_samples=seen,
+        num_steps=steps,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Payloads
+# ---------------------------------------------------------------------------------------
+
+
+def parameter_keys(model: nn.Module) -> list[str]:
+    """The state_dict keys of trainable parameters (not BN running statistics)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def state_to_payload(model: nn.Module, keys: Iterable[str] | None = None) -> Payload:
+    """Detached copies of the model's state_dict entries (all, or ``keys``).
+
+    Copies, because the model keeps training after its payload is taken and a payload
+    must not change under the receiver; always in plain contiguous layout (also for
+    channels-last models), so receivers may ``view`` them freely.
+    """
+    state = model.state_dict()
+    names = list(state) if keys is None else list(keys)
+    unknown = [k for k in names if k not in state]
+    if unknown:
+        raise KeyError(f"state_to_payload: the model has no entries {unknown}.")
+    return {k: state[k].detach().clone(memory_format=torch.contiguous_format) for k in names}
+
+
+def payload_to_state(model: nn.Module, payload: Payload, prefix: str = "") -> None:
+    """Copy ``payload`` entries (optionally only those starting with ``prefix``, which is
+    stripped) into the model's parameters/buffers in place, checking names and shapes."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in payload.items():
+            if prefix:
+                if not key.startswith(prefix):
+                    continue
+                key = key[len(prefix) :]
+            if key not in state:
+                raise KeyError(f"payload_to_state: the model has no entry '{key}'.")
+            target = state[key]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"payload_to_state: '{key}' has shape {tuple(value.shape)}, model expects {tuple(target.shape)}."
+                )
+            target.copy_(value)
+
+
+def _check_uploads(uploads: Sequence[tuple[Payload, int]]) -> None:
+    if not uploads:
+        raise ValueError("Cannot aggregate zero uploads.")
+    for _, n in uploads:
+        if n < 0:
+            raise ValueError(f"Sample counts must be >= 0, got {n}.")
+
+
+def weighted_sum(payloads: Sequence[Payload], weights: Sequence[float], keys: Iterable[str] | None = None) -> Payload:
+    """sum_i weights[i] * payloads[i][k] for each key, accumulated in float64, cast back.
+
+    Integer tensors are rounded to the nearest integer after the sum.
+    """
+    if len(payloads) != len(weights) or not payloads:
+        raise ValueError("weighted_sum needs as many weights as payloads (at least one).")
+    names = list(payloads[0]) if keys is None else list(keys)
+    out: Payload = {}
+    for key in names:
+        ref = payloads[0][key]
+        acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+        for payload, w in zip(payloads, weights, strict=True):
+            if key not in payload:
+                raise KeyError(f"An upload lacks '{key}'.")
+            t = payload[key]
+            if t.shape != ref.shape:
+                raise ValueError(f"Uploads disagree on the shape of '{key}': {tuple(t.shape)} vs {tuple(ref.shape)}.")
+            acc.add_(t.to(device=ref.device, dtype=torch.float64), alpha=float(w))
+        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+    return out
+
+
+def weighted_average(uploads: Sequence[tuple[Payload, int]], keys: Iterable[str] | None = None) -> Payload:
+    """The sample-weighted mean sum_k n_k / n * upload_k over (upload, n_k) pairs.
+
+    When every count is zero, falls back to the uniform mean (and only then).
+    """
+    _check_uploads(uploads)
+    total = float(sum(n for _, n in uploads))
+    weights = [n / total for _, n in uploads] if total > 0 else [1.0 / len(uploads)] * len(uploads)
+    if len(uploads) == 1:
+        # Exactly the client's tensors: x * 1.0 is exact, but skip the float64 round trip.
+        names = list(uploads[0][0]) if keys is None else list(keys)
+        return {k: uploads[0][0][k].detach().clone() for k in names}
+    return weighted_sum([p for p, _ in uploads], weights, keys)
+
+
+def model_delta(local: Payload, reference: Payload, keys: Iterable[str] | None = None) -> Payload:
+    """local - reference per key (floating keys only by default: deltas of counters are
+    meaningless), e.g. the update D = W_local - W_global that FedKD/FedMIC decompose."""
+    names = [k for k in local if local[k].is_floating_point()] if keys is None else list(keys)
+    return {k: local[k] - reference[k].to(local[k].device) for k in names}
+
+
+def apply_delta(reference: Payload, delta: Payload, scale: float = 1.0) -> Payload:
+    """reference + scale * delta for the keys in ``delta``; other keys copied unchanged."""
+    out = {k: v.clone() for k, v in reference.items()}
+    for k, d in delta.items():
+        out[k] = (reference[k] + scale * d.to(reference[k].device)).to(reference[k].dtype)
+    return out
