@@ -14,6 +14,9 @@ nor disturbs the global RNG, and the same seed gives bit-identical weights on ev
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 from collections.abc import Callable
 
 import torch
@@ -184,7 +187,24 @@ def build_model(name: str, spec: DataSpec, seed: int | None = None, channels_las
                 model = builder(spec, **kwargs)
     except TypeError as exc:  # an unknown constructor keyword
         raise ConfigurationError(f"Bad options {sorted(kwargs)} for model '{name}': {exc}") from exc
+    model.build_recipe = {"name": name, "spec": asdict(spec), "kwargs": dict(kwargs)}
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """What it takes to rebuild ``model`` elsewhere: its recipe and its weights (on the CPU)."""
+    recipe = getattr(model, "build_recipe", None)
+    if recipe is None:
+        raise ConfigurationError("Only models made by build_model() carry the recipe needed to save them.")
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    return {"architecture": recipe["name"], "spec": dict(recipe["spec"]), "kwargs": dict(recipe["kwargs"]), "state_dict": state}
+
+
+def model_from_record(record: dict[str, Any]) -> nn.Module:
+    """Rebuild a model saved with ``model_record`` (in eval mode, on the CPU)."""
+    model = build_model(record["architecture"], DataSpec(**record["spec"]), **record.get("kwargs", {}))
+    model.load_state_dict(record["state_dict"])
+    return model.eval()
 
 
 def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
