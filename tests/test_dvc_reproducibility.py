@@ -52,7 +52,7 @@ def test_dvc_repro_in_a_clean_clone_reproduces_the_locked_partition(project_root
     lock_before = _out_hashes(clone / "dvc.lock", "partition")
 
     result = subprocess.run(
-        ["dvc", "repro", "--force"], cwd=clone, env=_tool_env(), capture_output=True, text=True, timeout=600
+        ["dvc", "repro", "--force", "partition"], cwd=clone, env=_tool_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -62,24 +62,24 @@ def test_dvc_repro_in_a_clean_clone_reproduces_the_locked_partition(project_root
         )
     assert _out_hashes(clone / "dvc.lock", "partition") == lock_before
 
-    status = subprocess.run(["dvc", "status", "--json"], cwd=clone, env=_tool_env(), capture_output=True, text=True)
+    status = subprocess.run(["dvc", "status", "--json", "partition"], cwd=clone, env=_tool_env(), capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.strip() in ("{}", ""), status.stdout
 
 
 def test_changing_lambda_changes_the_partition_stage(project_root: Path, tmp_path: Path) -> None:
     clone = _clean_clone(project_root, tmp_path / "clone")
     env = _tool_env()
-    first = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(["dvc", "repro", "partition"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     before = _out_hashes(clone / "dvc.lock", "partition")
 
     params_file = clone / "conf/base/parameters_data_partition.yml"
     params = params_file.read_text().replace("dirichlet_lambda: 0.3", "dirichlet_lambda: 0.1")
     params_file.write_text(params)
-    status = subprocess.run(["dvc", "status", "--json"], cwd=clone, env=env, capture_output=True, text=True)
+    status = subprocess.run(["dvc", "status", "--json", "partition"], cwd=clone, env=env, capture_output=True, text=True)
     assert "partition" in status.stdout and "ingest" not in status.stdout
 
-    second = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(["dvc", "repro", "partition"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     after = _out_hashes(clone / "dvc.lock", "partition")
     assert after["data/05_model_input/clients"] != before["data/05_model_input/clients"]

@@ -160,8 +160,8 @@ def to_client_data(arrays: Mapping[str, np.ndarray], client_id: int, device: tor
 
     Expected keys: ``{train,val,test}_images`` (uint8 (N,H,W) or (N,H,W,3), or floats in
     [0,1]) and ``{train,val,test}_labels`` (integers, (N,) or (N,1)). Optional:
-    ``train_is_synthetic`` (bool per train row), ``device_id`` (the hospital's imaging
-    device, a scalar) or, failing that, ``train_devices`` (one id per train row; the most
+    ``train_is_synthetic`` (bool per train row), ``device_id`` or ``device`` (the
+    hospital's imaging device, a scalar, as the partition writes it) or, failing that, ``train_devices`` (one id per train row; the most
     frequent one is used, since a hospital has one device in this project's design).
     """
     missing = [f"{s}_{k}" for s in _SPLITS for k in ("images", "labels") if f"{s}_{k}" not in arrays]
@@ -185,8 +185,9 @@ def to_client_data(arrays: Mapping[str, np.ndarray], client_id: int, device: tor
             )
         synthetic = torch.from_numpy(flags).to(dev)
     device_id = 0
-    if "device_id" in arrays:
-        device_id = int(np.asarray(arrays["device_id"]).reshape(-1)[0])
+    scalar_key = next((key for key in ("device_id", "device") if key in arrays), None)
+    if scalar_key is not None:
+        device_id = int(np.asarray(arrays[scalar_key]).reshape(-1)[0])
     elif "train_devices" in arrays and np.asarray(arrays["train_devices"]).size:
         values, counts = np.unique(np.asarray(arrays["train_devices"]).reshape(-1), return_counts=True)
         device_id = int(values[np.argmax(counts)])

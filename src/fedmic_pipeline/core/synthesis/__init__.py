@@ -1,0 +1,65 @@
+"""FedSSG's synthetic samples (methods.md section 2): torch + numpy only, no files or Kedro.
+
+* ``generator``: a (class, device)-conditional VAE with FiLM conditioning;
+* ``federated``: its FedAvg training through the project's round runner (no real image
+  leaves a client);
+* ``plan``: the server's synthesis plan from the clients' class x device count reports,
+  and sampling it into per-client synthetic sets;
+* ``quality``: FD, MMD, k-NN precision/recall and the classification accuracy score in
+  the feature space of an evaluation-only reference encoder.
+"""
+
+from .federated import FedAvgGenerator, GeneratorTrainingConfig, GeneratorTrainingResult, train_generator_federated
+from .generator import (
+    GENERATOR_ARCHITECTURE,
+    ConditionalVAE,
+    build_generator,
+    generator_from_record,
+    generator_record,
+    images_to_uint8,
+    state_sha256,
+    vae_loss,
+)
+from .plan import PlanCell, PlanConfig, SynthesisPlan, client_count_matrix, compute_plan, pooled_counts, sample_plan
+from .quality import (
+    QualityConfig,
+    distribution_metrics,
+    evaluate_quality,
+    extract_features,
+    frechet_distance,
+    frechet_distance_gaussians,
+    knn_precision_recall,
+    median_bandwidth,
+    mmd_rbf,
+)
+
+__all__ = [
+    "GENERATOR_ARCHITECTURE",
+    "ConditionalVAE",
+    "FedAvgGenerator",
+    "GeneratorTrainingConfig",
+    "GeneratorTrainingResult",
+    "PlanCell",
+    "PlanConfig",
+    "QualityConfig",
+    "SynthesisPlan",
+    "build_generator",
+    "client_count_matrix",
+    "compute_plan",
+    "distribution_metrics",
+    "evaluate_quality",
+    "extract_features",
+    "frechet_distance",
+    "frechet_distance_gaussians",
+    "generator_from_record",
+    "generator_record",
+    "images_to_uint8",
+    "knn_precision_recall",
+    "median_bandwidth",
+    "mmd_rbf",
+    "pooled_counts",
+    "sample_plan",
+    "state_sha256",
+    "train_generator_federated",
+    "vae_loss",
+]

@@ -1,0 +1,323 @@
+"""A small conditional VAE that draws images of a given (class, imaging device).
+
+Why a VAE and not a GAN or a diffusion model: the generator is trained federatedly
+(FedAvg over ten hospitals, some with a few dozen images) on a shared 2-core CPU in about
+a minute. A VAE has one stable likelihood objective that averages well across clients;
+a GAN's two-player game is notoriously unstable under FedAvg and with tiny local sets;
+diffusion models need far more compute (and ``diffusers`` is not a dependency). The price
+is blur: a VAE's samples are the decoder's mean, so fine texture and the acquisition
+*noise* of a device are under-represented (gamma, contrast, blur, resolution and intensity
+shift are reproduced). The quality report measures exactly this.
+
+Conditioning (FedSSG, methods.md section 2): the condition is the pair (class c, device
+d). Each has a learned embedding; their concatenation e = [E_c(c), E_d(d)] drives FiLM
+layers (Perez et al. 2017): after every conv block of the encoder AND the decoder, a
+linear map of e gives a per-channel scale gamma and shift beta, and the block's output h
+becomes ``h * (1 + gamma) + beta``. Why FiLM rather than concatenating one-hot maps to
+the input: the device differences are global tone/blur changes, which per-channel
+modulation expresses directly and cheaply at every depth; and class and device factor
+apart, so a (class, device) pair that is rare in the federation still gets the class
+features learnt from every device. The ``1 +`` makes a zero FiLM output the identity.
+The FiLM maps are initialised with small weights, so the conditioning starts near
+identity and is learnt.
+
+Architecture at 28x28 (default widths (32, 64), latent 16, embeddings 8+8, ~0.6M
+parameters for 1 channel): encoder conv4x4/2 (28->14) -FiLM-SiLU, conv4x4/2 (14->7)
+-FiLM-SiLU, linear to (mu, log var); decoder linear z -> 64x7x7 -FiLM-SiLU, transposed
+conv (7->14) -FiLM-SiLU, conv3x3 -FiLM-SiLU, transposed conv (14->28), sigmoid. No
+normalisation layers: BatchNorm statistics of small, single-device clients would be
+averaged into nonsense by FedAvg, and FiLM already sets the per-channel scale.
+
+Loss (per image, averaged over the batch): reconstruction + beta * KL(q(z|x,c,d) || N(0,I)),
+with the reconstruction either the Bernoulli cross-entropy summed over pixels (``bce``,
+default, the standard for [0,1] images) or the sum of squared errors (``mse``).
+
+Images are float tensors in [0, 1] of shape (N, C, H, W) with C = 1 or 3, H = W =
+``image_size`` (a multiple of 4). Sampling is deterministic given a ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..protocol import ConfigurationError, DataSpec
+
+__all__ = [
+    "GENERATOR_ARCHITECTURE",
+    "RECON_LOSSES",
+    "ConditionalVAE",
+    "build_generator",
+    "generator_from_record",
+    "generator_record",
+    "images_to_uint8",
+    "state_sha256",
+    "vae_loss",
+]
+
+GENERATOR_ARCHITECTURE = "conditional_vae"
+RECON_LOSSES: tuple[str, ...] = ("bce", "mse")
+_FILM_INIT_STD = 0.1
+
+
+class FiLM(nn.Module):
+    """Per-channel ``h * (1 + gamma(e)) + beta(e)`` from a condition embedding ``e``."""
+
+    def __init__(self, cond_dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cond_dim, 2 * channels)
+        nn.init.normal_(self.proj.weight, std=_FILM_INIT_STD)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.proj(cond).chunk(2, dim=1)
+        shape = (h.shape[0], -1) + (1,) * (h.ndim - 2)
+        return h * (1.0 + gamma.view(shape)) + beta.view(shape)
+
+
+class ConditionalVAE(nn.Module):
+    """The (class, device)-conditional VAE described in the module docstring."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        num_devices: int,
+        image_size: int = 28,
+        latent_dim: int = 16,
+        widths: tuple[int, int] = (32, 64),
+        embed_dim: int = 8,
+    ) -> None:
+        super().__init__()
+        if image_size % 4 != 0:
+            raise ConfigurationError(f"The generator needs an image size divisible by 4, got {image_size}.")
+        if num_devices < 1 or num_classes < 2 or latent_dim < 1 or embed_dim < 1:
+            raise ConfigurationError(
+                f"Bad generator sizes: num_devices={num_devices}, num_classes={num_classes}, "
+                f"latent_dim={latent_dim}, embed_dim={embed_dim}."
+            )
+        w1, w2 = (int(w) for w in widths)
+        self.in_channels, self.num_classes, self.num_devices = in_channels, num_classes, num_devices
+        self.image_size, self.latent_dim = image_size, latent_dim
+        self._grid = image_size // 4
+        cond_dim = 2 * embed_dim
+        self.class_embedding = nn.Embedding(num_classes, embed_dim)
+        self.device_embedding = nn.Embedding(num_devices, embed_dim)
+
+        self.enc_conv1 = nn.Conv2d(in_channels, w1, 4, stride=2, padding=1)
+        self.enc_film1 = FiLM(cond_dim, w1)
+        self.enc_conv2 = nn.Conv2d(w1, w2, 4, stride=2, padding=1)
+        self.enc_film2 = FiLM(cond_dim, w2)
+        self.enc_out = nn.Linear(w2 * self._grid * self._grid, 2 * latent_dim)
+
+        self.dec_in = nn.Linear(latent_dim + cond_dim, w2 * self._grid * self._grid)
+        self.dec_film0 = FiLM(cond_dim, w2)
+        self.dec_up1 = nn.ConvTranspose2d(w2, w1, 4, stride=2, padding=1)
+        self.dec_film1 = FiLM(cond_dim, w1)
+        self.dec_conv = nn.Conv2d(w1, w1, 3, padding=1)
+        self.dec_film2 = FiLM(cond_dim, w1)
+        self.dec_up2 = nn.ConvTranspose2d(w1, in_channels, 4, stride=2, padding=1)
+        self.dec_film_out = FiLM(cond_dim, in_channels)
+
+    # -- conditioning -------------------------------------------------------------------
+    def condition(self, classes: torch.Tensor, devices: torch.Tensor) -> torch.Tensor:
+        """The embedding e = [E_c(class), E_d(device)], shape (B, 2 * embed_dim)."""
+        if classes.shape != devices.shape or classes.ndim != 1:
+            raise ValueError(f"classes and devices must be 1-D of equal length, got {tuple(classes.shape)}, {tuple(devices.shape)}.")
+        return torch.cat([self.class_embedding(classes), self.device_embedding(devices)], dim=1)
+
+    # -- the two halves -----------------------------------------------------------------
+    def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, log variance) of q(z | x, class, device)."""
+        h = F.silu(self.enc_film1(self.enc_conv1(x), cond))
+        h = F.silu(self.enc_film2(self.enc_conv2(h), cond))
+        mu, logvar = self.enc_out(h.flatten(1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 8.0)
+
+    def decode_logits(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid decoder output (N, C, H, W)."""
+        h = self.dec_in(torch.cat([z, cond], dim=1)).view(z.shape[0], -1, self._grid, self._grid)
+        h = F.silu(self.dec_film0(h, cond))
+        h = F.silu(self.dec_film1(self.dec_up1(h), cond))
+        h = F.silu(self.dec_film2(self.dec_conv(h), cond))
+        return self.dec_film_out(self.dec_up2(h), cond)
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (the decoder's mean), (N, C, H, W)."""
+        return torch.sigmoid(self.decode_logits(z, cond))
+
+    def forward(
+        self, x: torch.Tensor, classes: torch.Tensor, devices: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction logits, mu, logvar); ``noise`` ~ N(0, I) of shape (B, latent)
+        is passed in so the caller controls (and seeds) the reparameterisation."""
+        cond = self.condition(classes, devices)
+        mu, logvar = self.encode(x, cond)
+        z = mu + noise * torch.exp(0.5 * logvar)
+        return self.decode_logits(z, cond), mu, logvar
+
+    # -- sampling -------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        classes: torch.Tensor | np.ndarray | list[int],
+        devices: torch.Tensor | np.ndarray | list[int],
+        generator: torch.Generator,
+        temperature: float = 1.0,
+        batch_size: int = 1024,
+    ) -> torch.Tensor:
+        """Draw one image per (class, device) pair: float32 (N, C, H, W) in [0, 1] on the CPU.
+
+        z ~ N(0, temperature^2 I) is drawn from ``generator`` (a CPU generator) for all N
+        rows first, so the result depends only on the generator's state and the pairs,
+        never on ``batch_size``. Runs in eval mode and restores the previous mode.
+        """
+        classes_t = torch.as_tensor(np.asarray(classes), dtype=torch.int64).reshape(-1)
+        devices_t = torch.as_tensor(np.asarray(devices), dtype=torch.int64).reshape(-1)
+        if classes_t.shape != devices_t.shape:
+            raise ValueError(f"sample: {classes_t.numel()} classes but {devices_t.numel()} devices.")
+        if classes_t.numel() and (int(classes_t.min()) < 0 or int(classes_t.max()) >= self.num_classes):
+            raise ValueError(f"sample: classes must be in [0, {self.num_classes - 1}].")
+        if devices_t.numel() and (int(devices_t.min()) < 0 or int(devices_t.max()) >= self.num_devices):
+            raise ValueError(f"sample: devices must be in [0, {self.num_devices - 1}].")
+        z = torch.randn((classes_t.numel(), self.latent_dim), generator=generator, dtype=torch.float32) * float(temperature)
+        dev = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            out = [
+                self.decode(z[i : i + batch_size].to(dev), self.condition(classes_t[i : i + batch_size].to(dev), devices_t[i : i + batch_size].to(dev))).cpu()
+                for i in range(0, classes_t.numel(), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.float32)
+        return torch.cat(out).float()
+
+
+def vae_loss(
+    model: ConditionalVAE,
+    x: torch.Tensor,
+    classes: torch.Tensor,
+    devices: torch.Tensor,
+    noise: torch.Tensor,
+    beta: float = 1.0,
+    recon: str = "bce",
+    obs_sigma: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, reconstruction, KL), each the mean over the batch of a per-image sum.
+
+    ``mse`` is the Gaussian negative log-likelihood with a fixed pixel std ``obs_sigma``
+    (constants dropped): sum (x_hat - x)^2 / (2 obs_sigma^2).
+    """
+    logits, mu, logvar = model(x, classes, devices, noise)
+    if recon == "bce":
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)
+    elif recon == "mse":
+        rec = (torch.sigmoid(logits) - x).pow(2).flatten(1).sum(dim=1) / (2.0 * obs_sigma**2)
+    else:
+        raise ConfigurationError(f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got '{recon}'.")
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+    rec_m, kl_m = rec.mean(), kl.mean()
+    return rec_m + beta * kl_m, rec_m.detach(), kl_m.detach()
+
+
+# ---------------------------------------------------------------------------------------
+# Building, saving, hashing
+# ---------------------------------------------------------------------------------------
+
+_OPTION_KEYS = ("latent_dim", "widths", "embed_dim")
+
+
+def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, **options: Any) -> ConditionalVAE:
+    """A ConditionalVAE for ``spec`` and ``num_devices`` devices, on the CPU.
+
+    With ``seed`` the initial weights come from a forked RNG seeded with it (the global
+    RNG is untouched), so the same seed gives bit-identical weights. ``options``:
+    ``latent_dim``, ``widths`` (two ints), ``embed_dim``; anything else is an error.
+    """
+    unknown = sorted(set(options) - set(_OPTION_KEYS))
+    if unknown:
+        raise ConfigurationError(f"Unknown generator option(s) {unknown}; valid: {', '.join(_OPTION_KEYS)}.")
+    opts = dict(options)
+    if "widths" in opts:
+        widths = tuple(int(w) for w in opts["widths"])
+        if len(widths) != 2 or min(widths) < 1:
+            raise ConfigurationError(f"generator widths must be two positive integers, got {opts['widths']!r}.")
+        opts["widths"] = widths
+    for key in ("latent_dim", "embed_dim"):
+        if key in opts:
+            opts[key] = int(opts[key])
+
+    def make() -> ConditionalVAE:
+        return ConditionalVAE(spec.in_channels, spec.num_classes, int(num_devices), spec.image_size, **opts)
+
+    if seed is None:
+        model = make()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = make()
+    recipe_kwargs = {"num_devices": int(num_devices), **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}}
+    model.build_recipe = {"name": GENERATOR_ARCHITECTURE, "spec": asdict(spec), "kwargs": recipe_kwargs}
+    return model
+
+
+def generator_record(model: ConditionalVAE, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A pickle-free record ``{architecture, spec, kwargs, state_dict}`` (TorchModelDataset's
+    format, like ``models.model_record``) plus optional JSON-ready ``extra`` fields."""
+    recipe = getattr(model, "build_recipe", None)
+    if recipe is None:
+        raise ConfigurationError("Only generators made by build_generator() carry the recipe needed to save them.")
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    record = {"architecture": recipe["name"], "spec": dict(recipe["spec"]), "kwargs": dict(recipe["kwargs"]), "state_dict": state}
+    if extra:
+        record.update(extra)
+    return record
+
+
+def generator_from_record(record: dict[str, Any]) -> ConditionalVAE:
+    """Rebuild a generator saved with ``generator_record`` (eval mode, CPU)."""
+    if record.get("architecture") != GENERATOR_ARCHITECTURE:
+        raise ConfigurationError(
+            f"Not a generator record: architecture {record.get('architecture')!r}, expected '{GENERATOR_ARCHITECTURE}'."
+        )
+    kwargs = dict(record.get("kwargs", {}))
+    num_devices = int(kwargs.pop("num_devices"))
+    model = build_generator(DataSpec(**record["spec"]), num_devices, **kwargs)
+    model.load_state_dict(record["state_dict"])
+    return model.eval()
+
+
+def state_sha256(state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the state dict: for each key in sorted order, the key, dtype, shape and
+    the tensor's raw little-endian bytes. Identical weights give identical hashes on any
+    machine; this is the generator id recorded in the synthetic manifest."""
+    tensors = state.state_dict() if isinstance(state, nn.Module) else state
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        array = tensors[key].detach().cpu().contiguous().numpy()
+        digest.update(f"{key}|{array.dtype.str}|{list(array.shape)}\n".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def images_to_uint8(images: torch.Tensor, layout_ndim: int) -> np.ndarray:
+    """Float (N, C, H, W) in [0, 1] -> uint8 in the partition's layout: (N, H, W) when
+    ``layout_ndim`` is 3 (grayscale), (N, H, W, C) when 4. Rounds half to even."""
+    arr = torch.clamp(images.detach().cpu().float(), 0.0, 1.0).mul(255.0).numpy()
+    arr = np.rint(arr).astype(np.uint8)
+    if layout_ndim == 3:
+        if arr.shape[1] != 1:
+            raise ValueError(f"A 3-D (N,H,W) layout needs one channel, the generator has {arr.shape[1]}.")
+        return np.ascontiguousarray(arr[:, 0])
+    if layout_ndim == 4:
+        return np.ascontiguousarray(np.transpose(arr, (0, 2, 3, 1)))
+    raise ValueError(f"layout_ndim must be 3 (N,H,W) or 4 (N,H,W,C), got {layout_ndim}.")

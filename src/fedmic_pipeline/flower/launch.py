@@ -1,0 +1,488 @@
+"""A real Flower deployment on loopback: one SuperLink, N SuperNodes, ``flwr run``, teardown.
+
+    python -m fedmic_pipeline.flower.launch --nodes 4 --rounds 2 --algorithm fedmic \\
+        --algorithm-params '{"teacher_width": 0.125}' --run-config "join-ratio=0.5 seed=7"
+
+What it does (``LoopbackFederation``):
+
+* picks free ports on 127.0.0.1 and writes a private ``$FLWR_HOME/config.toml`` with a
+  SuperLink connection ``loopback`` (Flower 1.41 reads connections from there, not from
+  pyproject.toml), so nothing touches ``~/.flwr``;
+* starts ``flower-superlink --insecure --disable-runtime-dependency-installation`` and
+  N ``flower-supernode --insecure --superlink 127.0.0.1:PORT --node-config
+  "partition-id=i num-partitions=N data-dir='...'"``, each in its own process group
+  (their SuperExec and ClientApp/ServerApp children join it), with telemetry, update
+  checks and runtime dependency installation (``uv sync``) disabled in the environment;
+* runs ``flwr run <app-dir> loopback --run-config ... --stream`` (blocks until the run
+  ends) and reads the ServerApp's ``flower_summary.json``; ``<app-dir>`` holds only a
+  pyproject.toml with the project's ``[tool.flwr]`` tables (see ``prepare_app_dir``);
+* tears everything down -- on success, on error and on Ctrl-C/SIGTERM -- by signalling
+  the process groups (SIGTERM, then SIGKILL) and checking with psutil that no process it
+  started (or any descendant) is left.
+
+Logs of every process are in ``<work-dir>/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import task
+
+__all__ = ["FlowerRunResult", "LoopbackFederation", "flower_env", "format_run_config", "main", "prepare_app_dir"]
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "loopback"
+_QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "KEDRO_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def prepare_app_dir(project_dir: Path, app_dir: Path) -> Path:
+    """A minimal Flower app directory: the project's ``[project]`` metadata and
+    ``[tool.flwr]`` tables in a pyproject.toml of its own.
+
+    ``flwr run <dir>`` walks ``<dir>`` (``os.walk``, including ``.venv``) to build the
+    FAB: ~9 s on this project's root for a FAB whose code the nodes never use -- they
+    import ``fedmic_pipeline`` from their installed environment (runtime dependency
+    installation is off). From this directory the FAB holds only pyproject.toml.
+    """
+    import tomllib
+
+    import tomli_w
+
+    with (project_dir / "pyproject.toml").open("rb") as handle:
+        config = tomllib.load(handle)
+    flwr_tables = config.get("tool", {}).get("flwr")
+    if not flwr_tables or "app" not in flwr_tables:
+        raise task.FlowerConfigError(f"{project_dir / 'pyproject.toml'} has no [tool.flwr.app] table.")
+    project = {k: v for k, v in config["project"].items() if k in ("name", "version", "description", "license")}
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(
+        tomli_w.dumps({"project": project, "tool": {"flwr": {"app": flwr_tables["app"]}}}), encoding="utf-8"
+    )
+    return app_dir
+
+
+def flower_env(flwr_home: Path, project_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process: quiet, no ``uv sync``, private FLWR_HOME."""
+    env = dict(os.environ)
+    env.update(_QUIET_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FEDMIC_PROJECT_ROOT"] = str(project_dir)
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if "'" not in text and "\n" not in text:
+        return f"'{text}'"  # a TOML literal string: JSON and Windows paths need no escaping
+    if '"' in text:
+        raise ValueError(f"Run config value {text!r} holds both quote characters; Flower's parser cannot take it.")
+    return json.dumps(text)
+
+
+def format_run_config(values: Mapping[str, Any]) -> str:
+    """``{"num-rounds": 2, "algorithm-params": '{"lr": 0.1}'}`` -> the ``--run-config``
+    string ``num-rounds=2 algorithm-params='{"lr": 0.1}'``."""
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
+
+
+@dataclass
+class FlowerRunResult:
+    """One ``flwr run``: exit code, Flower run id, wall time, output and the summary."""
+
+    returncode: int
+    run_id: int | None
+    wall_s: float
+    output: str
+    summary: dict[str, Any] | None
+    output_dir: Path
+
+    @property
+    def status(self) -> str:
+        return "no-summary" if self.summary is None else str(self.summary.get("status"))
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    descendants: set[int] = field(default_factory=set)
+
+
+class LoopbackFederation:
+    """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (see the module docstring).
+
+    Use as a context manager; ``stop()`` is idempotent and also runs on exceptions.
+    ``node_configs`` optionally adds node-config entries per node (a mapping each).
+    """
+
+    def __init__(
+        self,
+        num_nodes: int,
+        data_dir: Path | str,
+        *,
+        project_dir: Path | str | None = None,
+        work_dir: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        node_configs: list[Mapping[str, Any]] | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        if num_nodes < 1:
+            raise task.FlowerConfigError(f"num_nodes must be >= 1, got {num_nodes}.")
+        self.num_nodes = num_nodes
+        self.project_dir = Path(project_dir).resolve() if project_dir else task.project_root()
+        self.data_dir = task.resolve_path(data_dir, self.project_dir)
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fedmic-flower-"))
+        self.logs_dir = self.work_dir / "logs"
+        self.flwr_home = self.work_dir / "flwr_home"
+        self.app_dir = self.work_dir / "app"
+        self.env = flower_env(self.flwr_home, self.project_dir, env)
+        self.node_configs = node_configs or [{} for _ in range(num_nodes)]
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self.superlink: _Proc | None = None
+        self.nodes: dict[int, _Proc] = {}
+        self._all: list[_Proc] = []
+        self._run_numbers = itertools.count(1)  # thread-safe: runs may be started concurrently
+        self._started = False
+
+    # -- processes ---------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str]) -> _Proc:
+        log_path = self.logs_dir / f"{name}.log"
+        handle = log_path.open("ab")
+        try:
+            popen = subprocess.Popen(  # noqa: S603 - fixed argv, our own executables
+                argv,
+                cwd=self.project_dir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: killpg reaches SuperExec and app children
+            )
+        finally:
+            handle.close()
+        proc = _Proc(name, popen, log_path)
+        self._all.append(proc)
+        logger.info("started %s (pid %d), log %s", name, popen.pid, log_path)
+        return proc
+
+    def _exe(self, name: str) -> str:
+        candidate = Path(sys.executable).parent / name
+        found = str(candidate) if candidate.exists() else shutil.which(name, path=self.env.get("PATH"))
+        if not found:
+            raise task.FlowerConfigError(f"'{name}' is not installed in this environment; pip install 'flwr[simulation]==1.41.0'.")
+        return found
+
+    def start(self) -> "LoopbackFederation":
+        """Start the SuperLink and every SuperNode; returns when the SuperLink listens."""
+        if self._started:
+            return self
+        self._started = True
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        prepare_app_dir(self.project_dir, self.app_dir)
+        self.port = free_port()
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+        t0 = time.perf_counter()
+        self.superlink = self._spawn(
+            "superlink",
+            [
+                self._exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1", "--port", str(self.port),
+            ],
+        )  # fmt: skip
+        self._wait(lambda: _port_open(self.port), self.superlink, "the SuperLink to listen")
+        for i in range(self.num_nodes):
+            self.start_node(i)
+        logger.info("SuperLink on 127.0.0.1:%d and %d SuperNodes started in %.1fs", self.port, self.num_nodes, time.perf_counter() - t0)
+        return self
+
+    def start_node(self, index: int) -> None:
+        """(Re)start SuperNode ``index`` serving partition ``index``."""
+        if index in self.nodes and self.nodes[index].popen.poll() is None:
+            raise RuntimeError(f"SuperNode {index} is already running (pid {self.nodes[index].popen.pid}).")
+        node_config = {
+            "partition-id": index,
+            "num-partitions": self.num_nodes,
+            "data-dir": str(self.data_dir),
+            **self.node_configs[index],
+        }
+        self.nodes[index] = self._spawn(
+            f"supernode-{index}",
+            [
+                self._exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", format_run_config(node_config),
+            ],
+        )  # fmt: skip
+
+    def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Kill SuperNode ``index`` and its whole process group (SuperExec, ClientApp)."""
+        proc = self.nodes[index]
+        self._remember_descendants(proc)
+        logger.info("killing supernode-%d (pid %d) with signal %d", index, proc.popen.pid, sig)
+        _killpg(proc.popen.pid, sig)
+        proc.popen.wait(timeout=10)
+
+    def _wait(self, ready: Any, proc: _Proc, what: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while not ready():
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log_path}:\n{_tail(proc.log_path)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Timed out after {self.startup_timeout:.0f}s waiting for {what}; see {proc.log_path}.")
+            time.sleep(0.2)
+
+    # -- runs --------------------------------------------------------------------------
+    def run(self, run_config: Mapping[str, Any], timeout: float = 600.0) -> FlowerRunResult:
+        """``flwr run <app-dir> loopback --run-config ... --stream``; blocks until the run
+        ends (or ``timeout``), then reads ``<output-dir>/flower_summary.json``."""
+        if not self._started:
+            raise RuntimeError("Call start() (or use the federation as a context manager) first.")
+        from .server_app import SUMMARY_FILE
+
+        run_no = next(self._run_numbers)
+        values = dict(run_config)
+        values.setdefault("data-dir", str(self.data_dir))
+        values.setdefault("min-nodes", self.num_nodes)
+        output_dir = task.resolve_path(str(values.get("output-dir", task.RUN_CONFIG_DEFAULTS["output-dir"])), self.project_dir)
+        values["output-dir"] = str(output_dir)
+        summary_path = output_dir / SUMMARY_FILE
+        summary_path.unlink(missing_ok=True)
+        argv = [
+            self._exe("flwr"), "run", str(self.app_dir), CONNECTION,
+            "--run-config", format_run_config(values), "--stream",
+        ]  # fmt: skip
+        log_path = self.logs_dir / f"flwr-run-{run_no}.log"
+        logger.info("flwr run #%d: %s", run_no, format_run_config(values))
+        t0 = time.perf_counter()
+        with log_path.open("wb") as handle:
+            popen = subprocess.Popen(  # noqa: S603
+                argv, cwd=self.project_dir, env=self.env, stdin=subprocess.DEVNULL, stdout=handle,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            proc = _Proc(f"flwr-run-{run_no}", popen, log_path)
+            self._all.append(proc)
+            try:
+                returncode = popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _killpg(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=10)
+                returncode = -9
+                logger.error("flwr run #%d did not finish within %.0fs; killed it.", run_no, timeout)
+        wall = time.perf_counter() - t0
+        output = log_path.read_text(encoding="utf-8", errors="replace")
+        match = re.search(r"Successfully started run (\d+)", output)
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        result = FlowerRunResult(returncode, int(match.group(1)) if match else None, wall, output, summary, output_dir)
+        logger.info("flwr run #%d: exit %d, status %s, %.1fs", run_no, returncode, result.status, wall)
+        return result
+
+    # -- teardown ----------------------------------------------------------------------
+    def _remember_descendants(self, proc: _Proc) -> None:
+        import psutil
+
+        try:
+            proc.descendants.update(c.pid for c in psutil.Process(proc.popen.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+
+    def pids(self) -> set[int]:
+        """Every pid this federation started or saw as a descendant (for leak checks)."""
+        for proc in self._all:
+            self._remember_descendants(proc)
+        return {p.popen.pid for p in self._all} | {d for p in self._all for d in p.descendants}
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every process group, SIGKILL what is left after ``grace`` s, reap."""
+        import psutil
+
+        if not self._all:
+            return
+        pids = self.pids()
+        for proc in reversed(self._all):  # nodes before the SuperLink
+            if proc.popen.poll() is None:
+                _killpg(proc.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self._all:
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self._all:
+            _killpg(proc.popen.pid, signal.SIGKILL)  # also children left in the group
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                logger.error("%s (pid %d) survived SIGKILL", proc.name, proc.popen.pid)
+        leftovers = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+                    leftovers.append(pid)
+            except psutil.Error:
+                continue
+        if leftovers:  # e.g. the SuperLink's SuperExec, which Flower starts in a session of its own
+            logger.info("killed %d processes outside the process groups: %s", len(leftovers), leftovers)
+        self._all.clear()
+        self.nodes.clear()
+        self.superlink = None
+        logger.info("loopback federation stopped")
+
+    def __enter__(self) -> "LoopbackFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# -- command line ----------------------------------------------------------------------------
+def _parse_pairs(pairs: list[str]) -> dict[str, Any]:
+    from flwr.common.config import parse_config_args
+
+    return dict(parse_config_args(pairs)) if pairs else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedmic_pipeline.flower.launch",
+        description="Run a federation on loopback: a Flower SuperLink, N SuperNodes, `flwr run`, teardown.",
+    )
+    parser.add_argument("--nodes", type=int, default=0, help="SuperNodes (partitions 0..N-1); 0 = every client file in data-dir")
+    parser.add_argument("--data-dir", default=task.RUN_CONFIG_DEFAULTS["data-dir"], help="partition directory (clients/, manifest)")
+    parser.add_argument("--algorithm", default=None, help="overrides the run config's algorithm")
+    parser.add_argument("--rounds", type=int, default=None, help="overrides num-rounds")
+    parser.add_argument("--seed", type=int, default=None, help="overrides seed")
+    parser.add_argument("--output-dir", default=None, help="overrides output-dir")
+    parser.add_argument("--algorithm-params", default=None, help="overrides algorithm-params (a JSON object)")
+    parser.add_argument("--run-config", action="append", default=[], help="extra 'key=value ...' run config overrides")
+    parser.add_argument("--work-dir", default=None, help="logs and FLWR_HOME (default: a new temp dir, kept)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is killed")
+    args = parser.parse_args(argv)
+    task.configure_logging()
+
+    root = task.project_root()
+    data_dir = task.resolve_path(args.data_dir, root)
+    nodes = args.nodes or len(list((data_dir / task.CLIENTS_SUBDIR).glob("client_*.npz")))
+    if nodes < 1:
+        parser.error(f"no client partitions in {data_dir / task.CLIENTS_SUBDIR}; run `make run` first or pass --data-dir")
+    run_config = _parse_pairs(args.run_config)
+    for key, value in (
+        ("algorithm", args.algorithm),
+        ("num-rounds", args.rounds),
+        ("seed", args.seed),
+        ("output-dir", args.output_dir),
+        ("algorithm-params", args.algorithm_params),
+    ):
+        if value is not None:
+            run_config[key] = value
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    t0 = time.perf_counter()
+    federation = LoopbackFederation(nodes, data_dir, project_dir=root, work_dir=args.work_dir)
+    try:
+        with federation:
+            t_up = time.perf_counter() - t0
+            result = federation.run(run_config, timeout=args.timeout)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: the federation was torn down; logs in %s", federation.logs_dir)
+        return 130
+    total = time.perf_counter() - t0
+    sys.stdout.write(result.output)
+    summary = result.summary or {}
+    totals = summary.get("totals", {})
+    logger.info(
+        "status %s | start-up %.1fs, flwr run %.1fs, total %.1fs | mean round %s s | core bytes up %s down %s | "
+        "wire bytes up %s down %s | summary in %s | logs in %s",
+        result.status, t_up, result.wall_s, total, _fmt(totals.get("mean_round_time_s")), totals.get("bytes_up_total"),
+        totals.get("bytes_down_total"), totals.get("wire_bytes_up_total"), totals.get("wire_bytes_down_total"),
+        result.output_dir, federation.logs_dir,
+    )  # fmt: skip
+    if summary.get("error"):
+        logger.error("%s", summary["error"])
+    return 0 if result.status == "completed" else 1
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

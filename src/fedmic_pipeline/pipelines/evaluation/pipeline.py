@@ -1,0 +1,55 @@
+"""`evaluation`: models -> report, headline metrics (DVC metrics), tables, plots, MLflow."""
+
+from kedro.pipeline import Pipeline, node
+
+from . import nodes
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                nodes.evaluate_federation,
+                inputs=[
+                    "trained_models",
+                    "client_partitions",
+                    "global_test_set",
+                    "dataset_info",
+                    "partition_manifest",
+                    "params:evaluation",
+                ],
+                outputs="evaluation_report",
+                name="evaluate_federation",
+            ),
+            node(nodes.summarize_metrics, ["evaluation_report", "training_summary"], "evaluation_metrics", name="summarize_metrics"),
+            node(nodes.site_table, "evaluation_report", "site_metrics", name="site_table"),
+            node(nodes.device_table, "evaluation_report", "device_metrics", name="device_table"),
+            node(nodes.class_table, "evaluation_report", "class_metrics", name="class_table"),
+            node(
+                nodes.plot_training_curves,
+                ["training_history", "training_summary"],
+                "training_curves_plot",
+                name="plot_training_curves",
+            ),
+            node(
+                nodes.plot_site_metrics,
+                ["site_metrics", "device_metrics", "training_summary"],
+                "site_metrics_plot",
+                name="plot_site_metrics",
+            ),
+            node(
+                nodes.track_evaluation,
+                [
+                    "evaluation_metrics",
+                    "evaluation_report",
+                    "training_tracking",
+                    "training_history",
+                    "site_metrics",
+                    "device_metrics",
+                    "training_summary",
+                ],
+                "evaluation_tracking",
+                name="track_evaluation",
+            ),
+        ]
+    )

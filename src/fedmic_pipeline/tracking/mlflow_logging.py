@@ -1,0 +1,183 @@
+"""MLflow entries of a run: curves with step = round, totals, lineage tags, models.
+
+Kedro-mlflow opens the run around the pipeline and logs the `params:` inputs; this module
+adds what a comparison or an audit needs beyond them. With no active run (tracking
+disabled for the pipeline) it logs a warning and records nothing, so training never
+depends on a tracking server being reachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedmic_pipeline.tracking.lineage import content_hash, dvc_lock_hashes, git_state
+
+logger = logging.getLogger(__name__)
+
+_MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _active_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        logger.warning("No active MLflow run (tracking disabled for this pipeline?): nothing is logged to MLflow.")
+        return None
+    return run.info.run_id
+
+
+def log_metric_history(run_id: str, history: pd.DataFrame, step_column: str = "round") -> int:
+    """Every numeric column of `history` as a metric with step = that row's round."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key=str(column), value=float(row[column]), timestamp=now, step=int(row[step_column]))
+        for _, row in history.iterrows()
+        for column in history.columns
+        if column != step_column and _finite(row[column])
+    ]
+    client = MlflowClient()
+    for start in range(0, len(metrics), _MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + _MAX_BATCH])
+    return len(metrics)
+
+
+def lineage_tags(dataset_info: Mapping[str, Any], partition_manifest: Mapping[str, Any], seed: int) -> dict[str, str]:
+    """The facts that tie a model to its code and data (git, DVC, manifests, seed)."""
+    project_root = Path.cwd()  # kedro runs from the project root
+    tags = {key: str(value) for key, value in git_state(project_root).items()}
+    for out, md5 in dvc_lock_hashes(project_root).items():
+        tags[f"dvc.{out}"] = md5
+    tags.update(
+        {
+            "dataset.flag": str(dataset_info.get("flag")),
+            "dataset.md5": str(dataset_info.get("md5")),
+            "partition.manifest_sha256": content_hash(partition_manifest),
+            "seed": str(seed),
+        }
+    )
+    return tags
+
+
+def _flat_params(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
+    return {f"{prefix}.{key}": str(value)[:5000] for key, value in values.items()}
+
+
+def registered_model_name(dataset_flag: str, algorithm: str) -> str:
+    return f"{dataset_flag}-{algorithm}-global"
+
+
+def log_model_records(models: Mapping[str, dict[str, Any]], artifact_path: str) -> None:
+    """Personalized models as artifacts (recipe + weights, one file per hospital)."""
+    import mlflow
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, record in sorted(models.items()):
+            torch.save(record, Path(tmp) / f"{key}.pt")
+        mlflow.log_artifacts(tmp, artifact_path=artifact_path)
+
+
+def register_global_model(record: dict[str, Any], name: str) -> dict[str, Any]:
+    """Log the global model in MLflow's pytorch flavour with a signature and register it."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    from fedmic_pipeline.core.models import model_from_record
+
+    model = model_from_record(record)
+    spec = record["spec"]
+    example = np.zeros((2, spec["in_channels"], spec["image_size"], spec["image_size"]), dtype=np.float32)
+    with torch.no_grad():
+        proba = torch.softmax(model(torch.from_numpy(example)), dim=1).numpy()
+    info = mlflow.pytorch.log_model(
+        model,
+        name="global_model",
+        signature=infer_signature(example, proba),
+        input_example=example,
+        registered_model_name=name,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    return {"model_uri": info.model_uri, "registered_model": name, "version": getattr(info, "registered_model_version", None)}
+
+
+def log_training_run(
+    history: pd.DataFrame,
+    summary: Mapping[str, Any],
+    models: Mapping[str, dict[str, Any]],
+    dataset_info: Mapping[str, Any],
+    partition_manifest: Mapping[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Everything a training run contributes to MLflow; returns what was logged where."""
+    run_id = _active_run_id()
+    if run_id is None:
+        return {"mlflow_run_id": None}
+    import mlflow
+
+    tags = lineage_tags(dataset_info, partition_manifest, seed)
+    tags["algorithm"] = str(summary["algorithm"])
+    mlflow.set_tags(tags)
+    mlflow.log_params(_flat_params("resolved", summary.get("algorithm_config", {})))
+    n_metrics = log_metric_history(run_id, history)
+    totals = {f"total.{k}": float(v) for k, v in summary["totals"].items() if _finite(v)}
+    totals["mb_up_per_client_per_round"] = float(summary["mb_up_per_client_per_round"])
+    mlflow.log_metrics(totals)
+
+    registered = None
+    if "global" in models:
+        registered = register_global_model(models["global"], registered_model_name(str(dataset_info["flag"]), str(summary["algorithm"])))
+    personalized = {key: record for key, record in models.items() if key != "global"}
+    if personalized:
+        log_model_records(personalized, "personalized_models")
+    logger.info("MLflow run %s: %d metric points, model %s", run_id, n_metrics, registered and registered["registered_model"])
+    return {"mlflow_run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(), "registered": registered, "tags": tags}
+
+
+def log_evaluation(
+    run_id: str | None,
+    metrics: Mapping[str, Any],
+    report: Mapping[str, Any],
+    figures: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Headline metrics, the JSON report and figures into the run `run_id`."""
+    import json
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    if not run_id:
+        logger.warning("The training run has no MLflow run id: evaluation results are not logged to MLflow.")
+        return {"mlflow_run_id": None}
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    entries = [Metric(key=f"final.{k}", value=float(v), timestamp=now, step=0) for k, v in metrics.items() if _finite(v)]
+    client.log_batch(run_id, metrics=entries)
+    with tempfile.TemporaryDirectory() as tmp:
+        report_path = Path(tmp) / "evaluation_report.json"
+        report_path.write_text(json.dumps(report, indent=2, default=float))
+        client.log_artifact(run_id, str(report_path), artifact_path="evaluation")
+        for name, figure in figures.items():
+            path = Path(tmp) / name
+            figure.savefig(path, dpi=110, bbox_inches="tight")
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    logger.info("Logged %d final metrics and %d figures to MLflow run %s", len(entries), len(figures), run_id)
+    return {"mlflow_run_id": run_id, "final_metrics": len(entries)}

@@ -1,0 +1,400 @@
+"""The Flower transport against the in-process runner, on a real loopback deployment.
+
+Fast tests (no processes): payload <-> ArrayRecord round trips through Flower's own
+object serialization (FedMIC SVD factors with ``::`` keys, empty (m, 0) factors, 0-d
+scalars, float16/int64/bool), and the client's private state in ``context.state``.
+
+Slow tests (``-m slow``): one real ``flower-superlink`` and two ``flower-supernode``
+processes on 127.0.0.1 serve a tiny two-hospital partition written in the partition file
+format. Two rounds of FedMIC (thin ResNet-18 teacher) and of FedAvg must end with the
+same global student as ``core.simulation.run_simulation`` for the same seed (allclose
+1e-5; in practice bit-identical), with the same core byte counts, and with serialized
+Flower messages within the stated framing bound of them. A SuperNode killed with SIGKILL
+mid-run is reported by node and partition while the run continues; one stopped with
+SIGTERM under ``on-node-failure = stop`` ends the run with a clear error. Afterwards no
+process of the deployment may be left (checked with psutil).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedmic_pipeline.core.algorithms import build_algorithm
+from fedmic_pipeline.core.codec import encode_update
+from fedmic_pipeline.core.models import build_model
+from fedmic_pipeline.core.protocol import DataSpec, payload_nbytes
+from fedmic_pipeline.core.simulation import SimulationConfig, SimulationResult, run_simulation
+from fedmic_pipeline.datasets.npz_dataset import save_npz_deterministic
+from fedmic_pipeline.flower import task
+from fedmic_pipeline.flower.records import (
+    PrivateStateMismatch,
+    load_private_state,
+    payload_to_record,
+    record_to_payload,
+    store_private_state,
+    wire_nbytes,
+)
+
+SEED = 7
+ROUNDS = 2
+TINY_STUDENT = {"model_options": {"widths": [8, 16, 32], "feature_dim": 32}, "batch_size": 8, "lr": 0.05}
+FEDMIC_PARAMS = {**TINY_STUDENT, "teacher_model": "resnet18", "teacher_width": 0.125, "error_feedback": True}
+FEDAVG_PARAMS = dict(TINY_STUDENT)
+#: Flower's per-Array framing: the Array object (JSON dtype/shape + child id), its chunk's
+#: .npy header and object header, the ArrayRecord entry (key + 64-hex object id) and the
+#: protobuf framing of two object transfers -- measured ~600 B; 700 B leaves margin.
+WIRE_PER_ARRAY = 700
+#: The ArrayRecord object itself.
+WIRE_PER_RECORD = 1024
+#: Message metadata, the ConfigRecord (train) or MetricRecord (reply, FedMIC's codec stats).
+WIRE_MESSAGE_EXTRA = 8192
+ROUND_TIMEOUT_KILL = 30.0
+
+
+# -- a tiny partition in the partition file format ----------------------------------------
+def _easy_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    images = rng.integers(0, 60, size=(labels.shape[0], 28, 28), dtype=np.int64)
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k) % 4, 2)
+        images[i, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] = rng.integers(150, 256, size=(14, 14))
+    return images.astype(np.uint8)
+
+
+def write_tiny_partition(root: Path) -> Path:
+    """Two hospitals (24 and 26 train images, 3 classes, label skew), a global test set and
+    a manifest, laid out like ``data/05_model_input``."""
+    for cid, counts in enumerate([(14, 6, 4), (4, 12, 10)]):
+        rng = np.random.default_rng(100 + cid)
+        arrays: dict[str, np.ndarray] = {"device": np.array(cid, dtype=np.int64)}
+        for split, scale in (("train", 1.0), ("val", 0.34), ("test", 0.34)):
+            labels = np.concatenate([np.full(max(1, round(c * scale)), k) for k, c in enumerate(counts)])
+            labels = rng.permutation(labels).astype(np.int64)
+            arrays[f"{split}_images"] = _easy_images(labels, rng)
+            arrays[f"{split}_labels"] = labels
+        save_npz_deterministic(root / "clients" / f"client_{cid:02d}.npz", arrays)
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(3), 10).astype(np.int64)
+    save_npz_deterministic(root / "global_test.npz", {"images": _easy_images(labels, rng), "labels": labels})
+    (root / "partition_manifest.json").write_text(json.dumps({"dataset": {"n_channels": 1, "n_classes": 3}}))
+    return root
+
+
+# -- fast: records ------------------------------------------------------------------------------
+def _roundtrip_through_flower(record: Any) -> Any:
+    """Deflate every object as Flower would send it and inflate it back."""
+    from flwr.app import RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    content = RecordDict({"payload": record})
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    return inflate_object_from_contents(content.object_id, contents)["payload"]
+
+
+def test_payload_record_round_trip_is_lossless() -> None:
+    spec = DataSpec(in_channels=1, num_classes=3)
+    model = build_model("student_cnn", spec, seed=1, **TINY_STUDENT["model_options"])
+    delta = {k: 1e-3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) for k, v in model.state_dict().items() if v.is_floating_point()}
+    svd, _ = encode_update(delta, energy=0.9)
+    svd16, _ = encode_update(delta, energy=0.9, fp16_factors=True)
+    payload = {
+        **svd,
+        **{f"fp16/{k}": v for k, v in svd16.items()},
+        "empty::U": torch.zeros(5, 0),
+        "empty::V": torch.zeros(7, 0),
+        "__meta__::version": torch.tensor(3, dtype=torch.int64),
+        "flags": torch.tensor([True, False]),
+        "num_batches_tracked": torch.tensor(12, dtype=torch.int64),
+        "channels_last": model.state_dict()["body.0.weight"].to(memory_format=torch.channels_last),
+    }
+    assert any("::" in k for k in svd), "the codec produced no factored entry to test"
+    back = record_to_payload(_roundtrip_through_flower(payload_to_record(payload)))
+    assert list(back) == list(payload)
+    for key, tensor in payload.items():
+        assert back[key].dtype == tensor.dtype, key
+        assert back[key].shape == tensor.shape, key
+        assert torch.equal(back[key], tensor), key
+    assert payload_nbytes(back) == payload_nbytes(payload)
+
+
+def test_payload_record_refuses_what_it_cannot_carry() -> None:
+    with pytest.raises(TypeError, match="bfloat16"):
+        payload_to_record({"w": torch.zeros(2, dtype=torch.bfloat16)})
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        payload_to_record({"w": np.zeros(2)})  # type: ignore[dict-item]
+
+
+def test_wire_size_counts_framing_per_array() -> None:
+    from flwr.app import RecordDict
+
+    payload = {f"layer{i}.weight::U": torch.randn(50) for i in range(20)}
+    record = payload_to_record(payload)
+    overhead = int(wire_nbytes(RecordDict({"p": record}))) - payload_nbytes(payload)
+    assert 0 < overhead <= WIRE_PER_ARRAY * len(payload) + WIRE_PER_RECORD + 512
+
+
+def test_private_state_survives_context_state(tmp_path: Path) -> None:
+    from flwr.app import RecordDict
+
+    data_dir = write_tiny_partition(tmp_path)
+    spec = task.load_data_spec(data_dir)
+    algorithm = build_algorithm("fedmic", FEDMIC_PARAMS, spec)
+    data = task.load_client_data(data_dir, 0)
+    state = algorithm.init_client(0, data, SEED)
+    recorddict = RecordDict()
+    store_private_state(recorddict, state, run_id=11, partition_id=0, algorithm="fedmic")
+    restored = load_private_state(recorddict, run_id=11, partition_id=0, algorithm="fedmic")
+    for (k, a), b in zip(state["teacher"].state_dict().items(), restored["teacher"].state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    teacher_params = {id(p) for p in restored["teacher"].parameters()}
+    opt_params = {id(p) for g in restored["teacher_optimizer"].param_groups for p in g["params"]}
+    assert teacher_params <= opt_params, "the optimizer must still update the restored teacher"
+    with pytest.raises(PrivateStateMismatch, match="partition"):
+        load_private_state(recorddict, run_id=11, partition_id=1, algorithm="fedmic")
+
+
+def test_node_identity_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(task.FlowerConfigError, match="partition-id"):
+        task.node_identity({"num-partitions": 2})
+    with pytest.raises(task.FlowerConfigError, match="does not exist"):
+        task.client_partition_path(tmp_path, 3)
+    with pytest.raises(task.FlowerConfigError, match="on-node-failure"):
+        task.ServerRunConfig.from_run_config({"on-node-failure": "retry", "params-file": ""}, root=tmp_path)
+
+
+# -- slow: a real deployment -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def partition_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_partition(tmp_path_factory.mktemp("flower_partition"))
+
+
+@pytest.fixture(scope="module")
+def federation(partition_dir: Path, tmp_path_factory: pytest.TempPathFactory, project_root: Path):
+    from fedmic_pipeline.flower.launch import LoopbackFederation
+
+    fed = LoopbackFederation(
+        2,
+        partition_dir,
+        project_dir=project_root,
+        work_dir=tmp_path_factory.mktemp("flower_work"),
+        env={"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ""},
+    )
+    with fed:
+        yield fed
+
+
+def _run_config(algorithm: str, params: dict[str, Any], output_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "algorithm": algorithm,
+        "algorithm-params": json.dumps(params),
+        "params-file": "",
+        "num-rounds": ROUNDS,
+        "seed": SEED,
+        "device": "cpu",
+        "num-threads": 1,
+        "eval-every": ROUNDS,
+        "evaluate-personalized": False,
+        "mlflow-tracking-uri": "none",
+        "round-timeout": 120.0,
+        "node-wait-timeout": 60.0,
+        "output-dir": str(output_dir),
+        **extra,
+    }
+
+
+def _in_process(algorithm: str, params: dict[str, Any], data_dir: Path, personalized: bool) -> SimulationResult:
+    spec = task.load_data_spec(data_dir)
+    clients = [task.load_client_data(data_dir, i) for i in range(2)]
+    config = SimulationConfig(
+        num_rounds=ROUNDS, seed=SEED, device="cpu", eval_every=ROUNDS, evaluate_personalized=personalized, num_threads=1
+    )
+    return run_simulation(build_algorithm(algorithm, params, spec), clients, spec, config, task.load_global_test(data_dir))
+
+
+def _check_against_in_process(result: Any, reference: SimulationResult) -> None:
+    assert result.status == "completed", result.output[-4000:]
+    summary = result.summary
+    saved = torch.load(result.output_dir / "global_model.pt", weights_only=False)
+    expected = reference.global_model().state_dict()
+    assert list(saved["state_dict"]) == list(expected)
+    for key, value in expected.items():
+        got = saved["state_dict"][key]
+        assert got.dtype == value.dtype, key
+        assert torch.allclose(got.double(), value.double().cpu(), atol=1e-5, rtol=0), key
+
+    history = summary["history"]
+    assert [r["sampled"] for r in history] == [r["sampled"] for r in reference.history]
+    for flower, core in zip(history, reference.history, strict=True):
+        # the core's byte counts, measured by the server on the dicts that travelled
+        assert flower["bytes_up"] == core["bytes_up"]
+        assert flower["bytes_down_total"] == core["bytes_down_total"]
+        assert flower["bytes_dense_total"] == core["bytes_dense_total"]
+        assert flower["train_loss"] == pytest.approx(core["train_loss"], abs=1e-6)
+        # bytes on the wire: the core's count plus Flower's framing, within the bound
+        for wire_payload, wire_total, core_bytes, arrays in zip(
+            flower["wire_payload_bytes_up"], flower["wire_bytes_up"], flower["bytes_up"], flower["arrays_up"], strict=True
+        ):
+            assert 0 < wire_payload - core_bytes <= WIRE_PER_ARRAY * arrays + WIRE_PER_RECORD
+            assert 0 < wire_total - wire_payload <= WIRE_MESSAGE_EXTRA
+        for wire_payload, wire_total, core_bytes in zip(
+            flower["wire_payload_bytes_down"], flower["wire_bytes_down"], flower["bytes_down"], strict=True
+        ):
+            assert 0 < wire_payload - core_bytes <= WIRE_PER_ARRAY * flower["arrays_down"] + WIRE_PER_RECORD
+            assert 0 < wire_total - wire_payload <= WIRE_MESSAGE_EXTRA
+    assert history[-1]["global_test_accuracy"] == pytest.approx(reference.history[-1]["global_test_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def matching_runs(federation, partition_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """FedMIC and FedAvg over Flower, run concurrently on the two SuperNodes (each node
+    serves both runs; their contexts are separate), while this process computes the
+    in-process references. Returns {name: (flower result, reference, mlflow uri)}."""
+    base = tmp_path_factory.mktemp("flower_runs")
+    tracking = f"sqlite:///{base / 'mlflow.db'}"
+    configs = {
+        "fedmic": _run_config(
+            "fedmic", FEDMIC_PARAMS, base / "fedmic", **{"evaluate-personalized": True, "mlflow-tracking-uri": tracking}
+        ),
+        "fedavg": _run_config("fedavg", FEDAVG_PARAMS, base / "fedavg"),
+    }
+    results: dict[str, Any] = {}
+    workers = [
+        threading.Thread(target=lambda n=name, c=config: results.__setitem__(n, federation.run(c, timeout=300)))
+        for name, config in configs.items()
+    ]
+    for worker in workers:
+        worker.start()
+    references = {
+        "fedmic": _in_process("fedmic", FEDMIC_PARAMS, partition_dir, personalized=True),
+        "fedavg": _in_process("fedavg", FEDAVG_PARAMS, partition_dir, personalized=False),
+    }
+    for worker in workers:
+        worker.join()
+    return {name: (results[name], references[name], tracking) for name in configs}
+
+
+@pytest.mark.slow
+def test_fedmic_over_flower_matches_in_process(matching_runs: dict[str, Any]) -> None:
+    result, reference, tracking = matching_runs["fedmic"]
+    _check_against_in_process(result, reference)
+    # the teachers stayed on their nodes across rounds: same personalized accuracies
+    assert result.summary["history"][-1]["personalized_val_accuracy_per_client"] == pytest.approx(
+        reference.history[-1]["personalized_val_accuracy_per_client"]
+    )
+    assert result.summary["history"][0]["bytes_up_total"] < result.summary["history"][0]["bytes_down_total"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    run_id = result.summary["mlflow_run_id"]
+    for name in ("bytes_up_total", "bytes_down_total", "train_loss", "train_accuracy", "global_test_accuracy"):
+        steps = {m.step: m.value for m in client.get_metric_history(run_id, name)}
+        expected = {r["round"]: r[name] for r in result.summary["history"] if r[name] is not None}
+        assert steps == pytest.approx(expected), name
+    assert client.get_run(run_id).data.params["algorithm"] == "fedmic"
+
+
+@pytest.mark.slow
+def test_fedavg_over_flower_matches_in_process(matching_runs: dict[str, Any]) -> None:
+    result, reference, _ = matching_runs["fedavg"]
+    _check_against_in_process(result, reference)
+
+
+def _run_and_kill(federation: Any, run_config: dict[str, Any], node: int, sig: int, timeout: float) -> Any:
+    """Start a run in a thread; once the server has mapped the partitions (summary status
+    'running'), kill SuperNode ``node`` with ``sig``; return the run's result."""
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("result", federation.run(run_config, timeout=timeout)))
+    worker.start()
+    summary = Path(run_config["output-dir"]) / "flower_summary.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.is_alive():
+        try:
+            if json.loads(summary.read_text())["status"] == "running":
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    else:
+        worker.join()
+        pytest.fail(f"the run never reached its rounds: {outcome.get('result')}")
+    federation.kill_node(node, sig)
+    worker.join()
+    return outcome["result"]
+
+
+@pytest.mark.slow
+def test_killed_node_is_reported_and_the_run_continues(federation, tmp_path: Path) -> None:
+    config = _run_config(
+        "fedavg", FEDAVG_PARAMS, tmp_path / "out", **{"on-node-failure": "continue", "round-timeout": ROUND_TIMEOUT_KILL}
+    )
+    result = _run_and_kill(federation, config, node=1, sig=signal.SIGKILL, timeout=240)
+    assert result.status == "completed", result.output[-4000:]
+    first, second = result.summary["history"]
+    dead_node = result.summary["partitions"]["1"]["node_id"]
+    assert first["participants"] == [0] and second["participants"] == [0]
+    assert first["failed"][0]["partition_id"] == 1 and first["failed"][0]["node_id"] == dead_node
+    assert "no reply within" in first["failed"][0]["reason"]
+    assert "excluded" in second["failed"][0]["reason"]  # not waited for again
+    assert second["round_time_s"] < ROUND_TIMEOUT_KILL
+    assert f"node {dead_node} (partition 1) failed in round 1 (train)" in result.output
+    assert "Continuing with the 1 remaining node(s)" in result.output
+    assert (result.output_dir / "global_model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_stopped_node_stops_the_run_when_configured(federation, tmp_path: Path) -> None:
+    federation.start_node(1)  # partition 1 again, after the previous test killed it
+    config = _run_config("fedavg", FEDAVG_PARAMS, tmp_path / "out", **{"on-node-failure": "stop"})
+    started = time.monotonic()
+    result = _run_and_kill(federation, config, node=1, sig=signal.SIGTERM, timeout=240)
+    assert result.status == "stopped", result.output[-4000:]
+    error = result.summary["error"]
+    assert "NodeFailureError" in error and "(partition 1)" in error and "on-node-failure = stop" in error
+    # a node that shuts down deactivates itself: noticed at once, not after round-timeout
+    assert "left the SuperLink" in error
+    assert result.summary["history"] == []
+    assert time.monotonic() - started < 90
+    assert not (result.output_dir / "global_model.pt").exists()
+
+
+@pytest.mark.slow
+def test_no_process_is_left_after_teardown(federation) -> None:
+    import psutil
+
+    pids = federation.pids()
+    port = federation.port
+    assert pids, "the federation started no process?"
+    federation.stop()
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append((pid, proc.cmdline()))
+        except psutil.Error:
+            continue
+    assert not alive, f"processes left running: {alive}"
+    # every process of the deployment inherits its private FLWR_HOME: none may be left,
+    # including any that started and detached after the last look at the process tree
+    ours = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            env_home = proc.environ().get("FLWR_HOME")
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if env_home == str(federation.flwr_home) or f"127.0.0.1:{port}" in cmdline:
+            ours.append((proc.info["pid"], cmdline))
+    assert not ours, f"processes of this deployment left running: {ours}"
