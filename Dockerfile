@@ -48,7 +48,7 @@ WORKDIR /app
 # The locked dependencies first: this layer (~6.5 GB, torch + CUDA libraries) is rebuilt
 # only when the lock changes, not on every source edit.
 COPY requirements.lock ./
-RUN python -m pip install -r requirements.lock
+RUN python -m pip install --no-deps -r requirements.lock
 
 # The project itself, installed like the Makefile does (editable, no dependency resolution).
 COPY pyproject.toml dvc.yaml dvc.lock ./

@@ -9,15 +9,18 @@ apps all build a federation the same way.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fedmic_pipeline.core.algorithms import ALGORITHMS, build_algorithm
 from fedmic_pipeline.core.data import to_client_data, to_tensors
+from fedmic_pipeline.core.evaluation import SCALAR_METRICS, compute_metrics, predict_proba, summarize_sites
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm
-from fedmic_pipeline.core.simulation import SimulationConfig
+from fedmic_pipeline.core.simulation import SimulationConfig, SimulationResult
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +126,138 @@ def simulation_config(training: Mapping[str, Any]) -> SimulationConfig:
     return SimulationConfig(**{key: training[key] for key in SIMULATION_KEYS if key in training})
 
 
+
+
+def _metrics(model, x, y, num_classes: int, evaluation: Mapping[str, Any], n_bootstrap: int | None = None) -> dict[str, Any]:
+    proba = predict_proba(model, x, batch_size=int(evaluation.get("batch_size", 1024)))
+    n_boot = int(evaluation["n_bootstrap"]) if n_bootstrap is None else n_bootstrap
+    return compute_metrics(y.cpu().numpy(), proba, num_classes, n_bootstrap=n_boot, seed=int(evaluation["seed"]))
+
+
+def evaluate_models(
+    global_model,
+    personalized: Mapping[int, Any],
+    clients: list[ClientData],
+    global_test_set: Mapping[str, np.ndarray],
+    dataset_info: Mapping[str, Any],
+    held_out_device: str | None,
+    evaluation: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Every model on the data it should be judged on, with bootstrap 95% intervals.
+
+    The global model on the global test set, clean and as each imaging device renders it
+    (the held-out device included); each hospital's personalized model on its own local
+    test split and on the unseen device's rendering; mean and worst site of each.
+    """
+    num_classes = int(dataset_info["n_classes"])
+    renderings = {name: global_test_tensors(global_test_set, name) for name in device_names(global_test_set)}
+    clean_x, clean_y = global_test_tensors(global_test_set)
+    report: dict[str, Any] = {
+        "dataset": dataset_info.get("flag"),
+        "class_names": [dataset_info.get("label_names", {}).get(str(k), str(k)) for k in range(num_classes)],
+        "held_out_device": held_out_device,
+        "global": None,
+        "global_by_device": {},
+    }
+    if global_model is not None:
+        report["global"] = _metrics(global_model, clean_x, clean_y, num_classes, evaluation)
+        for name, (x, y) in renderings.items():
+            report["global_by_device"][name] = _metrics(global_model, x, y, num_classes, evaluation)
+    sites, unseen = [], []
+    for client in clients:
+        model = personalized[client.client_id]
+        if client.test_y.shape[0] > 0:
+            metrics = _metrics(model, client.test_x, client.test_y, num_classes, evaluation)
+            sites.append({"client_id": client.client_id, "device_id": client.device_id, **metrics})
+        if held_out_device in renderings:
+            x, y = renderings[held_out_device]
+            unseen.append({"client_id": client.client_id, **_metrics(model, x, y, num_classes, evaluation, n_bootstrap=0)})
+    report["sites"] = sites
+    report["site_summary"] = summarize_sites(sites) if sites else None
+    report["personalized_on_unseen_device"] = unseen
+    report["personalized_on_unseen_device_summary"] = summarize_sites(unseen) if unseen else None
+    return report
+
+
+def history_table(history: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per round (1-based) with the scalar curves of the run."""
+    columns = (
+        "train_loss", "train_accuracy", "global_test_accuracy", "personalized_val_accuracy",
+        "bytes_up_total", "bytes_down_total", "bytes_dense_total", "train_time_s", "eval_time_s", "samples_per_s",
+    )  # fmt: skip
+    rows = []
+    for record in history:
+        row = {"round": record["round"] + 1, "num_sampled": len(record["sampled"])}
+        row.update({key: record.get(key) for key in columns})
+        row["sampled"] = " ".join(str(c) for c in record["sampled"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def communication_table(history: list[dict[str, Any]]) -> pd.DataFrame:
+    """Exact bytes per sampled client per round, beside FedAvg's dense size."""
+    rows = [
+        {
+            "round": record["round"] + 1,
+            "client_id": client,
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_dense_one_way": record["bytes_dense_per_client"],
+        }
+        for record in history
+        for client, up, down in zip(record["sampled"], record["bytes_up"], record["bytes_down"], strict=True)
+    ]
+    return pd.DataFrame(rows, columns=["round", "client_id", "bytes_up", "bytes_down", "bytes_dense_one_way"])
+
+
+def run_summary(
+    algorithm: FederatedAlgorithm, result: SimulationResult, clients: list[ClientData], use_synthetic: bool
+) -> dict[str, Any]:
+    """What a run was (resolved config, runner settings) and what it cost (bytes, time)."""
+    communication = communication_table(result.history)
+    return {
+        "algorithm": algorithm.name,
+        "algorithm_config": algorithm.describe() if hasattr(algorithm, "describe") else {"algorithm": algorithm.name},
+        "simulation": result.config_dict(),
+        "totals": result.totals(),
+        "mb_up_per_client_per_round": float(communication["bytes_up"].mean() / 1e6) if len(communication) else 0.0,
+        "mb_down_per_client_per_round": float(communication["bytes_down"].mean() / 1e6) if len(communication) else 0.0,
+        "num_clients": len(clients),
+        "train_samples": {f"client_{c.client_id:02d}": c.num_train for c in clients},
+        "synthetic_train_samples": {
+            f"client_{c.client_id:02d}": int(c.train_is_synthetic.sum()) if c.train_is_synthetic is not None else 0
+            for c in clients
+        },
+        "use_synthetic": use_synthetic,
+    }
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def headline_metrics(evaluation_report: dict[str, Any], training_summary: dict[str, Any]) -> dict[str, Any]:
+    """The flat headline numbers of a run (DVC metrics file, MLflow final metrics, comparison rows)."""
+    flat: dict[str, Any] = {"algorithm": training_summary["algorithm"]}
+    g = evaluation_report["global"]
+    for name in SCALAR_METRICS:
+        flat[f"global.{name}"] = _clean(g[name]) if g else None
+    if g:
+        flat["global.accuracy_ci_low"], flat["global.accuracy_ci_high"] = g["ci"]["accuracy"]
+    held_out = evaluation_report["held_out_device"]
+    unseen = evaluation_report["global_by_device"].get(held_out) if held_out else None
+    flat["unseen_device.global.accuracy"] = _clean(unseen["accuracy"]) if unseen else None
+    for prefix, summary in (
+        ("personalized", evaluation_report["site_summary"]),
+        ("unseen_device.personalized", evaluation_report["personalized_on_unseen_device_summary"]),
+    ):
+        for name in SCALAR_METRICS:
+            flat[f"{prefix}.mean.{name}"] = _clean(summary["mean"][name]) if summary else None
+            flat[f"{prefix}.worst.{name}"] = _clean(summary["worst"][name]) if summary else None
+    totals = training_summary["totals"]
+    flat["communication.mb_up_total"] = totals["bytes_up_total"] / 1e6
+    flat["communication.mb_down_total"] = totals["bytes_down_total"] / 1e6
+    flat["communication.mb_dense_total"] = totals["bytes_dense_total"] / 1e6
+    flat["communication.mb_up_per_client_per_round"] = training_summary["mb_up_per_client_per_round"]
+    flat["wall_time_s"] = totals["wall_time_s"]
+    return flat

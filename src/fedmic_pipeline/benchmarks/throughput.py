@@ -478,6 +478,49 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(_median(known), 2) if known else None
+
+
+def _cpu_busy_s() -> float | None:
+    """Seconds of CPU time all processes of the machine have used (from /proc/stat)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class _ForeignLoad:
+    """CPU cores used by *other* processes during a span: machine busy time minus this
+    process's own CPU time, over wall time (None where /proc/stat is unreadable)."""
+
+    def __enter__(self) -> "_ForeignLoad":
+        self.busy0, self.own0, self.wall0 = _cpu_busy_s(), time.process_time(), time.perf_counter()
+        self.cores: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy1, own1, wall1 = _cpu_busy_s(), time.process_time(), time.perf_counter()
+        if self.busy0 is not None and busy1 is not None and wall1 > self.wall0:
+            self.cores = round(max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / (wall1 - self.wall0), 2)
+
+
+def wait_for_load(max_load: float, timeout_s: float, say: Any = None) -> float | None:
+    """Wait (up to ``timeout_s``) until the 1-minute load average is at most ``max_load``."""
+    deadline = time.monotonic() + timeout_s
+    load = _load1()
+    while load is not None and load > max_load and time.monotonic() < deadline:
+        if say is not None:
+            say(f"load average {load} > {max_load}: waiting...")
+        time.sleep(min(30.0, max(1.0, deadline - time.monotonic())))
+        load = _load1()
+    return load
+
+
 def _load1() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -538,7 +581,8 @@ def run_benchmark(
             order = variants if rep % 2 == 0 else variants[::-1]
             for variant, bs in order:
                 load = _load1()
-                timings = run(variant, bs, clients, raw, settings, rounds)
+                with _ForeignLoad() as foreign:
+                    timings = run(variant, bs, clients, raw, settings, rounds)
                 samples = sum(s for s, _ in timings)
                 seconds = sum(t for _, t in timings)
                 per_run[variant].append(
@@ -548,11 +592,13 @@ def run_benchmark(
                         "samples_per_s": samples / seconds,
                         "round_time_s": seconds / len(timings),
                         "load_avg_1m": load,
+                        "foreign_cpu_cores": foreign.cores,
                     }
                 )
                 say(
                     f"{name}: rep {rep + 1}/{repeats} {variant:<14} batch {bs:>3}: "
-                    f"{samples / seconds:9.1f} samples/s, {seconds / len(timings):7.3f} s/round (load {load})"
+                    f"{samples / seconds:9.1f} samples/s, {seconds / len(timings):7.3f} s/round "
+                    f"(load {load}, other processes {foreign.cores} cores)"
                 )
                 gc.collect()
         medians = {v: _median([r["samples_per_s"] for r in per_run[v]]) for v, _ in variants}
@@ -568,6 +614,7 @@ def run_benchmark(
                     "samples_per_s": medians[variant],
                     "round_time_s": _median([r["round_time_s"] for r in runs]),
                     "speedup_vs_naive": medians[variant] / medians[NAIVE],
+                    "foreign_cpu_cores_median": _median_or_none([r["foreign_cpu_cores"] for r in runs]),
                     "runs": runs,
                 }
             )
@@ -590,6 +637,9 @@ def run_benchmark(
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "load_avg_1m_start": load_start,
             "load_avg_1m_end": _load1(),
+            "foreign_cpu_cores_median": _median_or_none(
+                [run["foreign_cpu_cores"] for row in rows for run in row["runs"]]
+            ),
         },
         "setting": {
             "partition_dir": str(partition_dir),
@@ -631,16 +681,17 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"{setting['repeats']} repeats, medians; defaults from: {setting['defaults_source']}.",
         f"torch {host['torch']} on {host['device']} ({host['device_name']}), {host['torch_threads']} threads, "
         f"{host['cpu_count']} CPUs; load average (1 min) {host['load_avg_1m_start']} at start, "
-        f"{host['load_avg_1m_end']} at end.",
+        f"{host['load_avg_1m_end']} at end; CPU cores used by other processes during the timed runs "
+        f"(median) {host['foreign_cpu_cores_median']}.",
         "",
-        "| Algorithm | Variant | Data path | Batch | Samples/round | Samples/s | s/round | x naive |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| Algorithm | Variant | Data path | Batch | Samples/round | Samples/s | s/round | x naive | Other procs (cores) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["results"]:
         lines.append(
             f"| {row['algorithm']} | {row['variant']} | {_VARIANT_LABEL[row['variant']]} | {row['batch_size']} | "
             f"{row['samples_per_round']:.0f} | {row['samples_per_s']:.1f} | {row['round_time_s']:.3f} | "
-            f"{row['speedup_vs_naive']:.2f} |"
+            f"{row['speedup_vs_naive']:.2f} | {row['foreign_cpu_cores_median']} |"
         )
     lines += ["", "| Algorithm | resident vs naive | data-path gain (bs 10) | batch-size gain |", "|---|---:|---:|---:|"]
     for name, r in report["ratios"].items():
@@ -660,12 +711,14 @@ def print_table(report: Mapping[str, Any]) -> None:
         ),
         caption=(
             f"torch {host['torch']}, {host['device']}, {host['torch_threads']} threads; load 1m "
-            f"{host['load_avg_1m_start']} -> {host['load_avg_1m_end']}; defaults: {setting['defaults_source']}"
+            f"{host['load_avg_1m_start']} -> {host['load_avg_1m_end']}, other processes "
+            f"{host['foreign_cpu_cores_median']} cores (median); defaults: {setting['defaults_source']}"
         ),
     )
     for col, justify in (
         ("Algorithm", "left"), ("Variant", "left"), ("Batch", "right"), ("Samples/round", "right"),
         ("Samples/s", "right"), ("s/round", "right"), ("x naive", "right"), ("Samples/s min-max", "right"),
+        ("Other procs (cores)", "right"),
     ):  # fmt: skip
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in report["results"]:
@@ -673,7 +726,7 @@ def print_table(report: Mapping[str, Any]) -> None:
         table.add_row(
             row["algorithm"], row["variant"], str(row["batch_size"]), f"{row['samples_per_round']:.0f}",
             f"{row['samples_per_s']:.1f}", f"{row['round_time_s']:.3f}", f"{row['speedup_vs_naive']:.2f}",
-            f"{min(sps):.1f}-{max(sps):.1f}",
+            f"{min(sps):.1f}-{max(sps):.1f}", str(row["foreign_cpu_cores_median"]),
         )  # fmt: skip
     console = Console(width=max(Console().width, 120))
     console.print(table)
@@ -716,6 +769,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up round per variant")
     p.add_argument("--quiet", action="store_true", help="no per-repetition progress lines")
+    p.add_argument(
+        "--wait-load", type=float, default=None, metavar="LOAD",
+        help="before starting, wait until the 1-minute load average is at most LOAD",
+    )  # fmt: skip
+    p.add_argument("--wait-timeout", type=float, default=1800.0, help="seconds --wait-load waits at most (default 1800)")
     return p
 
 
@@ -725,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = resolve_settings(params_file, _parse_overrides(args.param))
         log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if args.wait_load is not None:
+            wait_for_load(args.wait_load, args.wait_timeout, log)
         if log is not None:
             log(f"defaults: {settings.source}; load average (1 min) {_load1()}")
         report = run_benchmark(

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedmic_pipeline import experiment
-from fedmic_pipeline.core.evaluation import SCALAR_METRICS, compute_metrics, predict_proba, summarize_sites
+from fedmic_pipeline.core.evaluation import SCALAR_METRICS
 from fedmic_pipeline.core.models import model_from_record
 from fedmic_pipeline.reporting import training_plots
 from fedmic_pipeline.tracking import mlflow_logging
@@ -33,13 +33,6 @@ def _load(value: Any) -> Any:
     return value() if callable(value) else value
 
 
-def _metrics(model, x, y, num_classes: int, evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    proba = predict_proba(model, x, batch_size=int(evaluation.get("batch_size", 1024)))
-    return compute_metrics(
-        y.numpy(), proba, num_classes, n_bootstrap=int(evaluation["n_bootstrap"]), seed=int(evaluation["seed"])
-    )
-
-
 def evaluate_federation(
     trained_models: Mapping[str, Callable[[], dict[str, Any]]],
     client_partitions: Mapping[str, Callable[[], Arrays]],
@@ -49,37 +42,16 @@ def evaluate_federation(
     evaluation: dict[str, Any],
 ) -> dict[str, Any]:
     """The full evaluation report (JSON): global, per device, per site, summaries."""
-    num_classes = int(dataset_info["n_classes"])
-    held_out = partition_manifest.get("held_out_device")
     models = {key: model_from_record(_load(record)) for key, record in trained_models.items()}
-    clients = {client.client_id: client for client in experiment.build_clients(client_partitions)}
-    renderings = {name: experiment.global_test_tensors(global_test_set, name) for name in experiment.device_names(global_test_set)}
-    clean_x, clean_y = experiment.global_test_tensors(global_test_set)
-
-    report: dict[str, Any] = {
-        "dataset": dataset_info.get("flag"),
-        "class_names": [dataset_info.get("label_names", {}).get(str(k), str(k)) for k in range(num_classes)],
-        "held_out_device": held_out,
-        "global": None,
-        "global_by_device": {},
-    }
-    if "global" in models:
-        report["global"] = _metrics(models["global"], clean_x, clean_y, num_classes, evaluation)
-        for name, (x, y) in renderings.items():
-            report["global_by_device"][name] = _metrics(models["global"], x, y, num_classes, evaluation)
-
-    sites, unseen = [], []
-    for key in sorted(k for k in models if k != "global"):
-        client = clients[experiment.client_id_of(key)]
-        if client.test_y.shape[0] > 0:
-            sites.append({"client_id": client.client_id, "device_id": client.device_id, **_metrics(models[key], client.test_x, client.test_y, num_classes, evaluation)})
-        if held_out in renderings:
-            x, y = renderings[held_out]
-            unseen.append({"client_id": client.client_id, **_metrics(models[key], x, y, num_classes, {**evaluation, "n_bootstrap": 0})})
-    report["sites"] = sites
-    report["site_summary"] = summarize_sites(sites) if sites else None
-    report["personalized_on_unseen_device"] = unseen
-    report["personalized_on_unseen_device_summary"] = summarize_sites(unseen) if unseen else None
+    report = experiment.evaluate_models(
+        global_model=models.pop("global", None),
+        personalized={experiment.client_id_of(key): model for key, model in models.items()},
+        clients=experiment.build_clients(client_partitions),
+        global_test_set=global_test_set,
+        dataset_info=dataset_info,
+        held_out_device=partition_manifest.get("held_out_device"),
+        evaluation=evaluation,
+    )
     _log_summary(report)
     return report
 
@@ -96,35 +68,9 @@ def _log_summary(report: dict[str, Any]) -> None:
         )  # fmt: skip
 
 
-def _clean(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-
-
 def summarize_metrics(evaluation_report: dict[str, Any], training_summary: dict[str, Any]) -> dict[str, Any]:
-    """The flat headline numbers (DVC metrics file, MLflow final metrics, comparison rows)."""
-    flat: dict[str, Any] = {"algorithm": training_summary["algorithm"]}
-    g = evaluation_report["global"]
-    for name in SCALAR_METRICS:
-        flat[f"global.{name}"] = _clean(g[name]) if g else None
-    if g:
-        flat["global.accuracy_ci_low"], flat["global.accuracy_ci_high"] = g["ci"]["accuracy"]
-    held_out = evaluation_report["held_out_device"]
-    unseen = evaluation_report["global_by_device"].get(held_out) if held_out else None
-    flat["unseen_device.global.accuracy"] = _clean(unseen["accuracy"]) if unseen else None
-    for prefix, summary in (
-        ("personalized", evaluation_report["site_summary"]),
-        ("unseen_device.personalized", evaluation_report["personalized_on_unseen_device_summary"]),
-    ):
-        for name in SCALAR_METRICS:
-            flat[f"{prefix}.mean.{name}"] = _clean(summary["mean"][name]) if summary else None
-            flat[f"{prefix}.worst.{name}"] = _clean(summary["worst"][name]) if summary else None
-    totals = training_summary["totals"]
-    flat["communication.mb_up_total"] = totals["bytes_up_total"] / 1e6
-    flat["communication.mb_down_total"] = totals["bytes_down_total"] / 1e6
-    flat["communication.mb_dense_total"] = totals["bytes_dense_total"] / 1e6
-    flat["communication.mb_up_per_client_per_round"] = training_summary["mb_up_per_client_per_round"]
-    flat["wall_time_s"] = totals["wall_time_s"]
-    return flat
+    """The flat headline numbers (DVC metrics file, MLflow final metrics)."""
+    return experiment.headline_metrics(evaluation_report, training_summary)
 
 
 def site_table(evaluation_report: dict[str, Any]) -> pd.DataFrame:

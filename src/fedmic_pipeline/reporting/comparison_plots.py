@@ -1,0 +1,63 @@
+"""Figures of the method comparison: accuracy per round, and accuracy against bytes uploaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+_MARKERS = "osD^v<>pP*hX"
+
+
+def accuracy_per_round(curves: pd.DataFrame) -> Figure:
+    """One panel per lambda: each method's mean (over seeds) accuracy against the round.
+
+    Personalized validation accuracy for every method (solid), global test accuracy where
+    the method has a global model (dashed).
+    """
+    lambdas = sorted(curves["lambda"].unique())
+    figure = Figure(figsize=(5.2 * len(lambdas), 4.2), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(lambdas), sharey=True))
+    methods = list(dict.fromkeys(curves["method"]))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, lam in zip(axes, lambdas, strict=True):
+        sub = curves[curves["lambda"] == lam]
+        for method in methods:
+            mean = sub[sub["method"] == method].groupby("round")[["personalized_val_accuracy", "global_test_accuracy"]].mean()
+            if mean.empty:
+                continue
+            ax.plot(mean.index, mean["personalized_val_accuracy"], color=colors[method], lw=1.6, label=method)
+            if mean["global_test_accuracy"].notna().any():
+                ax.plot(mean.index, mean["global_test_accuracy"], color=colors[method], lw=1, ls="--", alpha=0.7)
+        ax.set(title=f"Dirichlet λ = {lam}", xlabel="round", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (solid: personalized val, dashed: global test)")
+    axes[-1].legend(fontsize=8, loc="lower right", ncol=2)
+    return figure
+
+
+def accuracy_vs_communication(runs: pd.DataFrame) -> Figure:
+    """Personalized accuracy against MB uploaded over the run, one point per method x lambda."""
+    lambdas = sorted(runs["lambda"].unique())
+    figure = Figure(figsize=(5.2 * len(lambdas), 4.2), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(lambdas), sharey=True))
+    methods = list(dict.fromkeys(runs["method"]))
+    for ax, lam in zip(axes, lambdas, strict=True):
+        sub = runs[runs["lambda"] == lam]
+        for i, method in enumerate(methods):
+            group = sub[sub["method"] == method]
+            if group.empty:
+                continue
+            x = group["communication.mb_up_total"].astype(float)
+            y = group["personalized.mean.accuracy"].astype(float)
+            ax.errorbar(
+                x.mean(), y.mean(), xerr=x.std(ddof=1) if len(group) > 1 else None,
+                yerr=y.std(ddof=1) if len(group) > 1 else None,
+                marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", ms=7, capsize=3, label=method, ls="none",
+            )  # fmt: skip
+        ax.set(title=f"Dirichlet λ = {lam}", xlabel="MB uploaded over the run (all clients)")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("personalized accuracy (mean over hospitals)")
+    axes[-1].legend(fontsize=8, loc="lower right", ncol=2)
+    return figure
