@@ -255,31 +255,32 @@ def _check_against_in_process(result: Any, reference: SimulationResult) -> None:
 
 @pytest.fixture(scope="module")
 def matching_runs(federation, partition_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """FedMIC and FedAvg over Flower, run concurrently on the two SuperNodes (each node
-    serves both runs; their contexts are separate), while this process computes the
-    in-process references. Returns {name: (flower result, reference, mlflow uri)}."""
+    """FedMIC then FedAvg over Flower (one after the other: on two shared cores running
+    them at once was slower), while a thread of this process computes the in-process
+    references. Returns {name: (flower result, reference, mlflow uri)}."""
     base = tmp_path_factory.mktemp("flower_runs")
     tracking = f"sqlite:///{base / 'mlflow.db'}"
-    configs = {
-        "fedmic": _run_config(
-            "fedmic", FEDMIC_PARAMS, base / "fedmic", **{"evaluate-personalized": True, "mlflow-tracking-uri": tracking}
-        ),
-        "fedavg": _run_config("fedavg", FEDAVG_PARAMS, base / "fedavg"),
-    }
-    results: dict[str, Any] = {}
-    workers = [
-        threading.Thread(target=lambda n=name, c=config: results.__setitem__(n, federation.run(c, timeout=300)))
-        for name, config in configs.items()
-    ]
-    for worker in workers:
-        worker.start()
-    references = {
-        "fedmic": _in_process("fedmic", FEDMIC_PARAMS, partition_dir, personalized=True),
-        "fedavg": _in_process("fedavg", FEDAVG_PARAMS, partition_dir, personalized=False),
-    }
-    for worker in workers:
+    references: dict[str, SimulationResult] = {}
+
+    def compute_references() -> None:
+        references["fedmic"] = _in_process("fedmic", FEDMIC_PARAMS, partition_dir, personalized=True)
+        references["fedavg"] = _in_process("fedavg", FEDAVG_PARAMS, partition_dir, personalized=False)
+
+    worker = threading.Thread(target=compute_references)
+    worker.start()
+    try:
+        results = {
+            "fedmic": federation.run(
+                _run_config(
+                    "fedmic", FEDMIC_PARAMS, base / "fedmic", **{"evaluate-personalized": True, "mlflow-tracking-uri": tracking}
+                ),
+                timeout=240,
+            ),
+            "fedavg": federation.run(_run_config("fedavg", FEDAVG_PARAMS, base / "fedavg"), timeout=240),
+        }
+    finally:
         worker.join()
-    return {name: (results[name], references[name], tracking) for name in configs}
+    return {name: (results[name], references[name], tracking) for name in results}
 
 
 @pytest.mark.slow

@@ -1,0 +1,145 @@
+"""The training and evaluation pipelines against a real MLflow store in a temp folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fedmic_pipeline.core.protocol import ConfigurationError
+from fedmic_pipeline.pipelines.data_partition import nodes as partition_nodes
+from fedmic_pipeline.pipelines.federated_training.nodes import train_federated
+from test_data_partition_pipeline import _make_project, project_params, synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _training_params(**overrides):
+    params = yaml.safe_load((ROOT / "conf/base/parameters_federated_training.yml").read_text())
+    params["training"].update({"num_rounds": 2, "join_ratio": 0.5, "num_threads": 1, **overrides})
+    params["algorithm_params"]["fedmic"].update({"teacher_model": "student_cnn"})
+    params["algorithm_params"]["common"].update({"batch_size": 16})
+    return params
+
+
+@pytest.fixture(scope="module")
+def small_federation():
+    """An easy 3-class task (brightness encodes the class) split over 10 hospitals."""
+    dataset, info = synthetic_dataset()
+    params = project_params(min_samples_per_client=15)
+    plan = partition_nodes.build_partition_plan(dataset, info, params["partition"], params["devices"])
+    clients, global_test, manifest, _ = partition_nodes.materialise_partition(
+        dataset, info, plan, params["partition"], params["devices"], True
+    )
+    return clients, global_test, {**info, "size": 16}, manifest
+
+
+def _train(federation, **training_overrides):
+    clients, global_test, info, _ = federation
+    params = _training_params(**training_overrides)
+    return train_federated(clients, global_test, info, params["training"], params["algorithm_params"])
+
+
+def test_same_seed_gives_the_same_run_on_the_cpu(small_federation):
+    models_a, history_a, comm_a, _ = _train(small_federation, algorithm="fedmic", seed=3)
+    models_b, history_b, comm_b, _ = _train(small_federation, algorithm="fedmic", seed=3)
+    cols = ["train_loss", "train_accuracy", "global_test_accuracy", "personalized_val_accuracy", "bytes_up_total"]
+    assert history_a[cols].equals(history_b[cols])
+    assert comm_a.equals(comm_b)
+    for key, value in models_a["global"]["state_dict"].items():
+        assert np.array_equal(value.numpy(), models_b["global"]["state_dict"][key].numpy()), key
+
+
+def test_fedmic_uploads_less_than_fedavg_and_keeps_teachers_personal(small_federation):
+    fedavg_models, _, fedavg_comm, fedavg_summary = _train(small_federation, algorithm="fedavg")
+    fedmic_models, _, fedmic_comm, fedmic_summary = _train(small_federation, algorithm="fedmic")
+    assert fedmic_comm["bytes_up"].sum() < fedavg_comm["bytes_up"].sum()
+    assert (fedavg_comm["bytes_up"] == fedavg_comm["bytes_dense_one_way"]).all()
+    assert fedmic_summary["algorithm_config"]["algorithm"] == "fedmic"
+    # The personalized model of FedMIC is the teacher; FedAvg's is the global student.
+    assert fedmic_models["client_00"]["state_dict"].keys() != fedmic_models["global"]["state_dict"].keys() or (
+        fedmic_models["client_00"]["architecture"] == "student_cnn"
+    )
+    assert set(fedavg_models) == {"global", *(f"client_{k:02d}" for k in range(10))}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "algorithm_overrides", "message"),
+    [
+        ({"algorithm": "fedsgd"}, {}, "Unknown algorithm 'fedsgd'. Valid algorithms:"),
+        ({"join_ratio": 0.0}, {}, "join_ratio must be in \\(0, 1\\]"),
+        ({"algorithm": "fedmic"}, {"energy_end": 1.5}, "energy"),
+        ({"algorithm": "fedmic"}, {"energy_start": 0.0}, "energy"),
+    ],
+)
+def test_bad_configuration_fails_before_training(small_federation, overrides, algorithm_overrides, message):
+    clients, global_test, info, _ = small_federation
+    params = _training_params(**overrides)
+    params["algorithm_params"]["fedmic"].update(algorithm_overrides)
+    never_loaded = {key: _explode for key in clients}  # training would load client data first
+    with pytest.raises(ConfigurationError, match=message):
+        train_federated(never_loaded, global_test, info, params["training"], params["algorithm_params"])
+
+
+def _explode():
+    raise AssertionError("client data was loaded: the bad configuration was not caught before training")
+
+
+def test_more_clients_than_samples_is_refused(small_federation):
+    clients, global_test, info, _ = small_federation
+    tiny = {}
+    for key, arrays in clients.items():
+        tiny[key] = {**arrays, "train_images": arrays["train_images"][:0], "train_labels": arrays["train_labels"][:0]}
+    params = _training_params(algorithm="fedavg")
+    with pytest.raises(ConfigurationError, match="(?i)sample|empty"):
+        train_federated(tiny, global_test, info, params["training"], params["algorithm_params"])
+
+
+@pytest.mark.slow
+def test_kedro_training_and_evaluation_log_a_complete_mlflow_run(project_root, tmp_path, monkeypatch):
+    import mlflow
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+    from mlflow.tracking import MlflowClient
+
+    project = _make_project(project_root, tmp_path)
+    params = _training_params(algorithm="fedavg")
+    params["evaluation"]["n_bootstrap"] = 50
+    (project / "conf/base/parameters_federated_training.yml").write_text(yaml.safe_dump(params, sort_keys=False))
+    info_path = project / "data/03_primary/dataset_info.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "size": 16}))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.chdir(project)
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project) as session:
+        session.run(pipeline_names=["data_partition", "federated_training", "evaluation"])
+    mlflow.set_tracking_uri(tracking_uri)
+
+    run_info = json.loads((project / "data/07_model_output/mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_info["mlflow_run_id"])
+    assert run.data.params["training.algorithm"] == "fedavg"
+    assert run.data.params["training.seed"] == str(params["training"]["seed"])
+    assert run.data.params["resolved.lr"] == str(float(params["algorithm_params"]["common"]["lr"]))
+    for tag in ("git_commit", "git_dirty", "partition.manifest_sha256", "dataset.flag", "seed"):
+        assert tag in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "global_test_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "bytes_up_total")] == [1, 2]
+    # Evaluation wrote its headline numbers into the same run, and a DVC metrics file.
+    assert "final.global.accuracy" in run.data.metrics
+    metrics = json.loads((project / "data/08_reporting/evaluation/metrics.json").read_text())
+    assert metrics["global.accuracy"] == pytest.approx(run.data.metrics["final.global.accuracy"])
+    # The global model is registered, with a signature, and loads back.
+    version = client.get_model_version(run_info["registered"]["registered_model"], str(run_info["registered"]["version"]))
+    assert version.run_id == run.info.run_id
+    model_info = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}")
+    assert model_info.signature is not None
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"personalized_models", "evaluation"} <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "personalized_models")) == 10
