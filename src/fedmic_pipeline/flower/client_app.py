@@ -130,6 +130,22 @@ class _NodeRound:
         )
 
 
+def _timing(message: Message) -> dict[str, float]:
+    """Where a message's time goes before the handler runs: ``dispatch-s`` (message
+    created by the server -> this ClientApp process started) and ``startup-s`` (process
+    start -> handler: interpreter, Flower imports, pulling the message and context).
+    Flower 1.41 starts one process per message, so these (and importing torch, counted
+    in ``handler-s``) repeat every round."""
+    try:
+        import psutil
+
+        started = psutil.Process().create_time()
+    except Exception:  # pragma: no cover - psutil missing or /proc unreadable: skip
+        return {}
+    now = time.time()
+    return {"dispatch-s": max(0.0, started - message.metadata.created_at), "startup-s": max(0.0, now - started)}
+
+
 def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in metrics.items():
@@ -160,9 +176,10 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One ``client_update`` of the core on this node's partition (see module docstring)."""
+    start = time.perf_counter()
+    timing = _timing(message)  # before torch is imported: startup-s is Flower's share
     from ..core.protocol import payload_nbytes
 
-    start = time.perf_counter()
     node_round = _NodeRound(message, context)
     if task.PAYLOAD_KEY not in message.content:
         raise task.FlowerConfigError(f"The train message has no '{task.PAYLOAD_KEY}' ArrayRecord.")
@@ -182,6 +199,7 @@ def train(message: Message, context: Context) -> Message:
             "private-state-nbytes": state_nbytes,
             "client-update-s": update_s,
             "handler-s": time.perf_counter() - start,
+            **timing,
         }
     )
     logger.info(

@@ -177,6 +177,7 @@ class LoopbackFederation:
         env: Mapping[str, str] | None = None,
         node_configs: list[Mapping[str, Any]] | None = None,
         startup_timeout: float = 60.0,
+        simulation: bool = False,
     ) -> None:
         if num_nodes < 1:
             raise task.FlowerConfigError(f"num_nodes must be >= 1, got {num_nodes}.")
@@ -191,6 +192,9 @@ class LoopbackFederation:
         self.env = flower_env(self.flwr_home, self.project_dir, env)
         self.node_configs = node_configs or [{} for _ in range(num_nodes)]
         self.startup_timeout = startup_timeout
+        #: Ray simulation: the SuperLink runs ``num_nodes`` virtual SuperNodes itself
+        #: (``flower-superlink --simulation``); no SuperNode processes are started.
+        self.simulation = simulation
         self.port = 0
         self.superlink: _Proc | None = None
         self.nodes: dict[int, _Proc] = {}
@@ -245,13 +249,17 @@ class LoopbackFederation:
             "superlink",
             [
                 self._exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1", "--port", str(self.port),
+                "--host", "127.0.0.1", "--port", str(self.port), *(["--simulation"] if self.simulation else []),
             ],
         )  # fmt: skip
         self._wait(lambda: _port_open(self.port), self.superlink, "the SuperLink to listen")
-        for i in range(self.num_nodes):
-            self.start_node(i)
-        logger.info("SuperLink on 127.0.0.1:%d and %d SuperNodes started in %.1fs", self.port, self.num_nodes, time.perf_counter() - t0)
+        if not self.simulation:
+            for i in range(self.num_nodes):
+                self.start_node(i)
+        logger.info(
+            "SuperLink on 127.0.0.1:%d with %d %s started in %.1fs", self.port, self.num_nodes,
+            "simulated SuperNodes (Ray)" if self.simulation else "SuperNodes", time.perf_counter() - t0,
+        )  # fmt: skip
         return self
 
     def start_node(self, index: int) -> None:
@@ -310,6 +318,10 @@ class LoopbackFederation:
             self._exe("flwr"), "run", str(self.app_dir), CONNECTION,
             "--run-config", format_run_config(values), "--stream",
         ]  # fmt: skip
+        if self.simulation:
+            # virtual SuperNodes get partition-id/num-partitions from Flower; data-dir comes
+            # from the run config (task.node_identity falls back to it)
+            argv += ["--federation-config", f"num-supernodes={self.num_nodes} client-resources-num-cpus=1"]
         log_path = self.logs_dir / f"flwr-run-{run_no}.log"
         logger.info("flwr run #%d: %s", run_no, format_run_config(values))
         t0 = time.perf_counter()
@@ -468,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[], help="extra 'key=value ...' run config overrides")
     parser.add_argument("--work-dir", default=None, help="logs and FLWR_HOME (default: a new temp dir, kept)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is killed")
+    parser.add_argument(
+        "--simulation", action="store_true", help="Ray simulation: one SuperLink --simulation, N virtual SuperNodes"
+    )
     args = parser.parse_args(argv)
     task.configure_logging()
 
@@ -487,12 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             run_config[key] = value
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # explicit for SIGINT too: a launcher started in the background by a script inherits
+    # SIGINT as ignored, and Python then installs no KeyboardInterrupt handler of its own
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     t0 = time.perf_counter()
-    federation = LoopbackFederation(nodes, data_dir, project_dir=root, work_dir=args.work_dir)
+    federation = LoopbackFederation(nodes, data_dir, project_dir=root, work_dir=args.work_dir, simulation=args.simulation)
     try:
         with federation:
             t_up = time.perf_counter() - t0

@@ -21,8 +21,8 @@ History records have the in-process runner's keys (``bytes_up_total``,
 of the very dicts that travelled -- plus the transport's own: ``wire_bytes_up`` /
 ``wire_bytes_down`` (serialized Flower objects per message, ``records.message_wire_nbytes``),
 ``wire_payload_bytes_up`` / ``wire_payload_bytes_down`` (the payload ArrayRecord alone),
-``arrays_up`` / ``arrays_down``, ``participants``, ``failed`` and ``round_time_s``. They go to MLflow (step = round) under
-the same metric names when a tracking URI is configured.
+``arrays_up`` / ``arrays_down``, ``participants``, ``failed`` and ``round_time_s``. They go to MLflow under
+the same metric names and steps (1-based round) when a tracking URI is configured.
 
 Node failures: a node whose ClientApp raised (a Flower error reply), that did not reply
 within ``round-timeout`` seconds, or that left the SuperLink, is a failure.
@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from . import task
 from .records import message_wire_nbytes, payload_to_record, record_to_payload, wire_nbytes
 
-__all__ = ["FlowerServer", "NodeFailureError", "app"]
+__all__ = ["FlowerServer", "NodeFailureError", "app", "global_model_record", "message_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,36 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def message_config(
+    cfg: task.ServerRunConfig, spec: Any, *, rnd: int, sampled: list[int], num_clients: int, total_train_samples: int
+) -> dict[str, Any]:
+    """The ``config`` ConfigRecord of a train/evaluate message: everything a node needs to
+    rebuild the server's algorithm and the in-process runner's ``RoundContext``."""
+    return {
+        "algorithm": cfg.algorithm,
+        "algorithm-params": json.dumps(cfg.algorithm_params, sort_keys=True),
+        **task.spec_to_config(spec),
+        "round": rnd,
+        "num-rounds": cfg.num_rounds,
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "amp": cfg.amp,
+        "eval-batch-size": cfg.eval_batch_size,
+        "num-clients": num_clients,
+        "total-train-samples": total_train_samples,
+        "sampled": [int(p) for p in sampled],
+    }
+
+
+def global_model_record(model: Any) -> tuple[str, ArrayRecord]:
+    """The global model for an ``evaluate`` message: its recipe (JSON) and weights."""
+    from ..core.models import model_record
+
+    saved = model_record(model)
+    recipe = json.dumps({"architecture": saved["architecture"], "kwargs": saved["kwargs"]})
+    return recipe, payload_to_record(saved["state_dict"])
+
+
 def _describe_error(reply: Message) -> str:
     """A Flower error reply in words: who failed (the node, its ClientApp) and why."""
     from flwr.common.constant import ErrorCode
@@ -128,8 +158,8 @@ def _weighted_mean(values: list[float | None], weights: list[int]) -> float | No
 
 
 class _MlflowLog:
-    """Per-round metrics (step = round) with the in-process runner's names; a no-op
-    without a tracking URI."""
+    """Per-round metrics with the in-process runner's names and steps (``step`` = the
+    1-based round, as ``experiment.history_table`` logs them); a no-op without a URI."""
 
     #: history keys logged every round (None values are skipped)
     ROUND_METRICS = (
@@ -160,10 +190,12 @@ class _MlflowLog:
         logger.info("MLflow: run %s in experiment '%s' at %s", self.run_id, self.experiment, self.uri)
 
     def log_round(self, record: Mapping[str, Any]) -> None:
+        """Step = the 1-based round, as the Kedro pipeline's history table logs it."""
         if self._mlflow is None:
             return
         metrics = {k: float(record[k]) for k in self.ROUND_METRICS if record.get(k) is not None}
-        self._mlflow.log_metrics(metrics, step=int(record["round"]))
+        metrics["num_sampled"] = float(len(record["sampled"]))
+        self._mlflow.log_metrics(metrics, step=int(record["round"]) + 1)
 
     def finish(self, totals: Mapping[str, Any], status: str, artifacts: Iterable[Path] = ()) -> None:
         if self._mlflow is None:
@@ -271,20 +303,14 @@ class FlowerServer:
             raise NodeFailureError(f"No node replied in {stage}: " + "; ".join(lines))
 
     def _base_config(self, rnd: int, sampled: list[int]) -> dict[str, Any]:
-        return {
-            "algorithm": self.cfg.algorithm,
-            "algorithm-params": json.dumps(self.cfg.algorithm_params, sort_keys=True),
-            **task.spec_to_config(self.spec),
-            "round": rnd,
-            "num-rounds": self.cfg.num_rounds,
-            "seed": self.cfg.seed,
-            "device": self.cfg.device,
-            "amp": self.cfg.amp,
-            "eval-batch-size": self.cfg.eval_batch_size,
-            "num-clients": len(self.partitions),
-            "total-train-samples": sum(p.num_train for p in self.partitions.values()),
-            "sampled": [int(p) for p in sampled],
-        }
+        return message_config(
+            self.cfg,
+            self.spec,
+            rnd=rnd,
+            sampled=sampled,
+            num_clients=len(self.partitions),
+            total_train_samples=sum(p.num_train for p in self.partitions.values()),
+        )
 
     # -- setup -------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -429,6 +455,7 @@ class FlowerServer:
             wire_up.append(int(message_wire_nbytes(reply)))
             wire_payload_up.append(int(wire_nbytes(reply.content[task.UPLOAD_KEY])))
             arrays_up.append(len(upload))
+            metrics["reply-transit-s"] = max(0.0, time.time() - reply.metadata.created_at)
             client_metrics.append({"client_id": pid, "node_id": node.node_id, "num_train": node.num_train, **metrics})
         payload, server_state = self.algorithm.aggregate(server_state, uploads, ctx)
         train_time = time.perf_counter() - t0
@@ -474,7 +501,6 @@ class FlowerServer:
 
     def _evaluate(self, rnd: int, server_state: Any) -> dict[str, Any]:
         from ..core.evaluation import accuracy_of
-        from ..core.models import model_record
 
         t1 = time.perf_counter()
         out: dict[str, Any] = {}
@@ -485,9 +511,8 @@ class FlowerServer:
             config = self._base_config(rnd, [])
             content: dict[str, Any] = {}
             if model is not None:
-                saved = model_record(model)
-                config["global-model-recipe"] = json.dumps({"architecture": saved["architecture"], "kwargs": saved["kwargs"]})
-                content[task.GLOBAL_MODEL_KEY] = payload_to_record(saved["state_dict"])
+                recipe, content[task.GLOBAL_MODEL_KEY] = global_model_record(model)
+                config["global-model-recipe"] = recipe
             online = {int(n) for n in self.grid.get_node_ids()}
             live = [p for p, n in sorted(self.partitions.items()) if n.failed_in is None and n.node_id in online]
             messages = {
@@ -563,13 +588,13 @@ class FlowerServer:
         summary_path = self.output_dir / SUMMARY_FILE
         model_path = self.output_dir / MODEL_FILE
         describe = getattr(self.algorithm, "describe", lambda: {"algorithm": self.cfg.algorithm})
-        self.mlflow.start(
-            run_name=f"flower-{self.cfg.algorithm}-seed{self.cfg.seed}",
-            params={**describe(), **self.cfg.as_params(), "runner": "flower"},
-            tags={"runner": "flower", "flower.run_id": str(self.flower_run_id), "algorithm": self.cfg.algorithm},
-        )
         mlflow_status = "FAILED"
         try:
+            self.mlflow.start(
+                run_name=f"flower-{self.cfg.algorithm}-seed{self.cfg.seed}",
+                params={**describe(), **self.cfg.as_params(), "runner": "flower"},
+                tags={"runner": "flower", "flower.run_id": str(self.flower_run_id), "algorithm": self.cfg.algorithm},
+            )
             self.status = "waiting-for-nodes"
             _write_json(summary_path, self._summary())
             self._query_partitions(self._wait_for_nodes())
