@@ -58,7 +58,7 @@ WIRE_PER_ARRAY = 700
 WIRE_PER_RECORD = 1024
 #: Message metadata, the ConfigRecord (train) or MetricRecord (reply, FedMIC's codec stats).
 WIRE_MESSAGE_EXTRA = 8192
-ROUND_TIMEOUT_KILL = 30.0
+ROUND_TIMEOUT_KILL = 20.0
 
 
 # -- a tiny partition in the partition file format ----------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmic_pipeline.core.data import make_generator, to_client_data
+from fedmic_pipeline.core.data import to_client_data
 from fedmic_pipeline.core.protocol import ConfigurationError, DataSpec
 from fedmic_pipeline.core.synthesis import (
     GeneratorTrainingConfig,
@@ -146,11 +146,38 @@ def test_federated_training_is_deterministic_and_counts_bytes(client_arrays):
     assert state_sha256(first.model) == state_sha256(second.model)
     assert len(first.history) == 2 and first.summary["trained"] is True
     per_model = sum(t.numel() * t.element_size() for t in first.model.state_dict().values())
-    assert first.history[0]["bytes_up_total"] == 3 * per_model  # every client uploads the whole generator
+    counts = (3 + N_DEVICES) * 4  # float32 per-class and per-device counts (row weights of the embeddings)
+    assert first.history[0]["bytes_up_total"] == 3 * (per_model + counts)  # every client uploads the whole generator
     assert first.history[0]["bytes_down_total"] == 3 * per_model
     assert math.isfinite(first.summary["final_loss"])
     other = train_generator_federated(_clients(client_arrays), SPEC, N_DEVICES, config, seed=6, held_out_device=HELD_OUT)
     assert state_sha256(other.model) != state_sha256(first.model)
+
+
+def test_embedding_rows_are_averaged_over_the_clients_that_own_them():
+    from fedmic_pipeline.core.synthesis.federated import CLASS_COUNTS, DEVICE_COUNTS, FedAvgGenerator
+
+    algorithm = FedAvgGenerator(GeneratorTrainingConfig(model_options=TINY), SPEC, N_DEVICES)
+    server, payload = algorithm.init_server(0)
+    before = {k: v.clone() for k, v in payload.items()}
+
+    def upload(value: float, classes: list[float], device: int, n: int):
+        out = {k: torch.full_like(v, value) if v.is_floating_point() else v.clone() for k, v in payload.items()}
+        out[CLASS_COUNTS] = torch.tensor(classes)
+        out[DEVICE_COUNTS] = torch.zeros(N_DEVICES)
+        out[DEVICE_COUNTS][device] = float(n)
+        return out, n
+
+    uploads = [upload(1.0, [10, 0, 0], device=0, n=10), upload(3.0, [10, 20, 0], device=1, n=30)]
+    mean, _ = algorithm.aggregate(server, uploads, ctx=None)
+    assert torch.allclose(mean["dec_in.weight"], torch.full_like(mean["dec_in.weight"], 2.5))  # plain FedAvg 10:30
+    dev = mean["device_embedding.weight"]
+    assert torch.allclose(dev[0], torch.ones_like(dev[0])) and torch.allclose(dev[1], torch.full_like(dev[1], 3.0))
+    assert torch.equal(dev[2], before["device_embedding.weight"][2])  # nobody owns device 2: unchanged
+    cls = mean["class_embedding.weight"]
+    assert torch.allclose(cls[0], torch.full_like(cls[0], 2.0)) and torch.allclose(cls[1], torch.full_like(cls[1], 3.0))
+    assert torch.equal(cls[2], before["class_embedding.weight"][2])
+    assert CLASS_COUNTS not in mean  # the broadcast is the model only
 
 
 def test_federated_training_refuses_bad_devices(client_arrays):

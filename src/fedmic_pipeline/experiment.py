@@ -108,6 +108,43 @@ def device_names(global_test_set: Mapping[str, np.ndarray]) -> list[str]:
     return [str(name) for name in np.asarray(global_test_set["device_names"]).tolist()]
 
 
+EXTRA_TRAINING_DATA = ("none", "synthetic", "augmented")
+
+
+def extra_training_sets(
+    mode: str,
+    client_partitions: Mapping[str, ArraysOrLoader],
+    synthetic_sets: Mapping[str, ArraysOrLoader] | None,
+    seed: int,
+) -> dict[str, Mapping[str, np.ndarray]] | None:
+    """What each hospital adds to its local training data (the FedSSG switch and ablation).
+
+    `synthetic`: its FedSSG synthetic set. `augmented`: the same number of classically
+    augmented real samples of the same classes (`core.augment`). `none`: nothing.
+    """
+    from fedmic_pipeline.core.augment import augment_like
+
+    if mode not in EXTRA_TRAINING_DATA:
+        raise ConfigurationError(f"training.extra_training_data must be one of {', '.join(EXTRA_TRAINING_DATA)}, got '{mode}'.")
+    if mode == "none":
+        return None
+    if not synthetic_sets:
+        raise ConfigurationError(
+            f"training.extra_training_data={mode} needs the synthetic sets: run `kedro run --pipelines synthetic_generation` first."
+        )
+    missing = sorted(set(client_partitions) - set(synthetic_sets))
+    if missing:
+        raise ConfigurationError(f"No synthetic set for {missing}: regenerate the synthetic sets for the current partition.")
+    sets = {key: _materialise(synthetic_sets[key]) for key in sorted(client_partitions)}
+    if mode == "synthetic":
+        return sets
+    extra = {}
+    for key, synthetic in sets.items():
+        arrays = _materialise(client_partitions[key])
+        extra[key] = augment_like(arrays["train_images"], arrays["train_labels"], synthetic["labels"], seed=seed + client_id_of(key))
+    return extra
+
+
 def algorithm_params_for(name: str, algorithm_params: Mapping[str, Any]) -> dict[str, Any]:
     """`common` merged with the method's own block (the method's values win)."""
     if name not in ALGORITHMS:
@@ -211,7 +248,7 @@ def communication_table(history: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def run_summary(
-    algorithm: FederatedAlgorithm, result: SimulationResult, clients: list[ClientData], use_synthetic: bool
+    algorithm: FederatedAlgorithm, result: SimulationResult, clients: list[ClientData], extra_training_data: str = "none"
 ) -> dict[str, Any]:
     """What a run was (resolved config, runner settings) and what it cost (bytes, time)."""
     communication = communication_table(result.history)
@@ -228,7 +265,7 @@ def run_summary(
             f"client_{c.client_id:02d}": int(c.train_is_synthetic.sum()) if c.train_is_synthetic is not None else 0
             for c in clients
         },
-        "use_synthetic": use_synthetic,
+        "extra_training_data": extra_training_data,
     }
 
 

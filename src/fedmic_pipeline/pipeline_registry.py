@@ -3,7 +3,7 @@
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
-DEFAULT_CHAIN = ("data_ingestion", "data_partition", "federated_training", "evaluation")
+DEFAULT_CHAIN = ("data_ingestion", "data_partition", "synthetic_generation", "federated_training", "evaluation")
 
 
 def register_pipelines() -> dict[str, Pipeline]:

@@ -15,9 +15,11 @@ epochs), and only the client's local-training data path and batch size differ:
     ``num_workers=0`` (worker processes would compete for the two shared cores), default
     collation, a plain (contiguous) model, the torch-default optimizer implementation,
     ``loss.item()`` and an accuracy ``.item()`` per batch, the batch moved to the device
-    per step. Everything around local training (the server payload, the FedMIC upload
-    codec and the aggregation) is the project's own code, so the comparison isolates
-    the client's training loop.
+    per step, no autocast. Everything around local training (the server payload, the
+    FedMIC upload codec and the aggregation) is the project's own code, so the
+    comparison isolates the client's training loop. (On CUDA the resident path also
+    trains under autocast when ``amp: auto``; this machine has no GPU, so the figures
+    here are CPU figures, where AMP is never used.)
 ``resident_bs10``
     The project's path (``core.simulation.run_simulation`` -> ``client_update`` ->
     ``train_local``/``train_dual``: the client's split resident as one float32 tensor,

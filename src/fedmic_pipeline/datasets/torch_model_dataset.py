@@ -7,6 +7,7 @@ newer version of the code and audited without executing arbitrary pickles.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -40,10 +41,12 @@ class TorchModelDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
             raise DatasetError(f"A model record needs keys {self.REQUIRED_KEYS}; missing {missing}.")
         target = Path(get_filepath_str(self._filepath, "file"))
         target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()  # torch.save names the archive after its file: save to memory for stable bytes
+        torch.save(data, buffer)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
         try:
-            torch.save(data, tmp_name)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(buffer.getvalue())
             os.replace(tmp_name, target)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)

@@ -40,7 +40,8 @@ from the generator. The same metrics between the real TRAIN data of the cell and
 test images are reported beside, as the floor a perfect generator would reach with that
 sample size (FD and MMD are biased by sample size, so only same-size comparisons are
 meaningful). MMD and k-NN metrics use at most ``max_metric_samples`` points per side
-(seeded subsample), FD uses all.
+(seeded subsample), FD uses all. Pooled scopes (per class, per device, overall) take the
+same number of images from both sides of every cell, so their mixtures over cells match.
 """
 
 from __future__ import annotations
@@ -373,12 +374,13 @@ def evaluate_quality(
     encoder = train_classifier(x_train, joint, num_classes * num_devices, config, seed=derive_seed(seed, _ENCODER), epochs=config.encoder_epochs)
     f_train, f_syn = extract_features(encoder, x_train), extract_features(encoder, x_syn)
     f_test = {d: extract_features(encoder, x) for d, (x, _) in real_test.items()}
-    encoder_acc = {}
+    encoder_acc, encoder_device_acc = {}, {}
     for d, (x, y) in sorted(real_test.items()):
         if d == held_out_device:
             continue
         pred = _predict(encoder, x)
         encoder_acc[d] = float(np.mean(pred == (y.numpy() * num_devices + d)))
+        encoder_device_acc[d] = float(np.mean(pred % num_devices == d))
 
     # 3. distribution metrics per cell and pooled
     rng = np.random.default_rng([seed, _SUBSAMPLE, 1])
@@ -407,9 +409,13 @@ def evaluate_quality(
             entry["synthetic_vs_test"] = distribution_metrics(te, sy, config.knn_k, config.max_metric_samples, seed)
             entry["real_train_vs_test"] = distribution_metrics(te, tr, config.knn_k, config.max_metric_samples, seed)
             cells.append(entry)
-            add(("class", c), tr, sy, te)
-            add(("device", d), tr, sy, te)
-            add(("overall", 0), tr, sy, te)
+            # pooled scopes take m = min(n_train, n_test) of each side per cell, so the real
+            # test side is mixed over cells exactly like the train/synthetic side
+            m = min(rows.size, test_rows.size)
+            keep_tr = np.sort(rng.choice(rows.size, size=m, replace=False))
+            keep_te = np.sort(rng.choice(test_rows.size, size=m, replace=False))
+            for key in (("class", c), ("device", d), ("overall", 0)):
+                add(key, tr[keep_tr], sy[keep_tr], te[keep_te])
 
     def pooled(kind: str) -> list[dict[str, Any]]:
         out = []
@@ -458,6 +464,7 @@ def evaluate_quality(
             "trained_on": "real pooled training data of the partition (evaluation only)",
             "feature_dim": int(f_train.shape[1]),
             "test_joint_accuracy_by_device": encoder_acc,
+            "test_device_accuracy_by_device": encoder_device_acc,
         },
         "distribution": distribution,
         "cas": cas,

@@ -94,7 +94,7 @@ def run_comparison(
                 held_out_device=manifest.get("held_out_device"),
                 evaluation=run_evaluation,
             )
-            summary = experiment.run_summary(algorithm, result, clients, use_synthetic=False)
+            summary = experiment.run_summary(algorithm, result, clients)
             row = {"method": method, "lambda": float(lam), "seed": int(seed), **experiment.headline_metrics(report, summary)}
             row.pop("algorithm", None)
             rows.append(row)

@@ -146,3 +146,22 @@ def track_evaluation(
             "site_and_device_accuracy.png": plot_site_metrics(site_metrics, device_metrics, training_summary),
         },
     )
+
+
+def promote_champion(
+    evaluation_metrics: dict[str, Any],
+    training_tracking: dict[str, Any],
+    evaluation_tracking: dict[str, Any],
+    promotion: dict[str, Any],
+) -> dict[str, Any]:
+    """Move the registry's `champion` alias to this run's global model only if it earned it.
+
+    Runs after `track_evaluation` (it takes its output) because the rule reads the
+    `final.*` metrics from MLflow: the candidate's must be there for the next run's
+    comparison. The rule itself (same data version, minimum improvement) is in
+    `tracking.registry`; this node only hands it the run and writes the decision file.
+    """
+    del evaluation_tracking  # an ordering dependency only
+    from fedmic_pipeline.tracking import registry
+
+    return registry.promote_from_tracking(training_tracking, evaluation_metrics, promotion)

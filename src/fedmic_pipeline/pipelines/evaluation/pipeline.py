@@ -51,5 +51,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "evaluation_tracking",
                 name="track_evaluation",
             ),
+            node(
+                nodes.promote_champion,
+                ["evaluation_metrics", "training_tracking", "evaluation_tracking", "params:promotion"],
+                "promotion_decision",
+                name="promote_champion",
+            ),
         ]
     )

@@ -2,19 +2,31 @@
 
 The training itself is the core's `run_simulation`; these nodes only translate catalog
 data into core objects and the result back into tables, model records and MLflow entries.
+
+Checkpoints (`training.checkpoint_dir`, `checkpoint_every`, `resume`): the core builds
+checkpoint dicts, this layer owns the file `<checkpoint_dir>/<algorithm>-seed<seed>.pt`. It
+is written atomically (a temp file in the same folder, then `os.replace`), so a run killed
+mid-write leaves the previous checkpoint intact, and deleted once the run completes. It
+lives outside `data/06_models` on purpose: `dvc repro` deletes a stage's outputs before
+running it, and the models' PartitionedDataset would both wipe and load it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fedmic_pipeline import experiment
+from fedmic_pipeline.core.checkpoint import deserialize_checkpoint, serialize_checkpoint
 from fedmic_pipeline.core.models import model_record
+from fedmic_pipeline.core.protocol import ConfigurationError
 from fedmic_pipeline.core.simulation import run_simulation
 from fedmic_pipeline.tracking import mlflow_logging
 
@@ -29,19 +41,35 @@ def train_federated(
     dataset_info: dict[str, Any],
     training: dict[str, Any],
     algorithm_params: dict[str, Any],
-    extra_training_sets: Mapping[str, Callable[[], Arrays]] | None = None,
+    synthetic_client_sets: Mapping[str, Callable[[], Arrays]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Run `training.algorithm` over the hospitals; return models, curves, bytes, summary.
 
     Everything that can be wrong in the configuration is checked while the algorithm and
-    runner are built, before the first round.
+    runner are built, before the first round. `training.extra_training_data` adds each
+    hospital's synthetic set (or as many augmented real samples) to its training split.
+    With `training.resume` the run continues from its checkpoint (see the module docstring).
     """
     spec = experiment.data_spec(dataset_info)
     name = training["algorithm"]
     algorithm = experiment.make_algorithm(name, algorithm_params, spec)
     config = experiment.simulation_config(training)
-    clients = experiment.build_clients(client_partitions, extra_training_sets)
-    result = run_simulation(algorithm, clients, spec, config, global_test=experiment.global_test_tensors(global_test_set))
+    path, every, resume = _checkpoint_settings(training)
+    resume_from = _load_checkpoint(path, resume)
+    mode = str(training.get("extra_training_data", "none"))
+    extra = experiment.extra_training_sets(mode, client_partitions, synthetic_client_sets, int(training["seed"]))
+    clients = experiment.build_clients(client_partitions, extra)
+    result = run_simulation(
+        algorithm, clients, spec, config, global_test=experiment.global_test_tensors(global_test_set),
+        checkpoint_every=every if path is not None else 0,
+        on_checkpoint=(lambda checkpoint: _write_atomically(path, serialize_checkpoint(checkpoint))) if path else None,
+        resume_from=resume_from,
+        fingerprint_extra={"dataset": dataset_info.get("flag"), "dataset_md5": dataset_info.get("md5"),
+                           "extra_training_data": mode},
+    )  # fmt: skip
+    if path is not None and path.exists():
+        path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+        logger.info("Run complete: removed its checkpoint %s", path)
 
     models: dict[str, dict[str, Any]] = {}
     global_model = result.global_model()
@@ -50,8 +78,65 @@ def train_federated(
     for client in clients:
         models[f"client_{client.client_id:02d}"] = model_record(result.personalized_model(client.client_id))
 
-    summary = experiment.run_summary(algorithm, result, clients, use_synthetic=extra_training_sets is not None)
+    summary = experiment.run_summary(algorithm, result, clients, extra_training_data=mode)
     return models, experiment.history_table(result.history), experiment.communication_table(result.history), summary
+
+
+def _checkpoint_settings(training: Mapping[str, Any]) -> tuple[Path | None, int, str]:
+    """(checkpoint file or None, checkpoint_every, resume as 'true' | 'false' | 'auto')."""
+    every = training.get("checkpoint_every", 0) or 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigurationError(f"training.checkpoint_every must be an integer >= 0 (0 = never), got {every!r}.")
+    resume = str(training.get("resume", False)).strip().lower()
+    resume = {"yes": "true", "1": "true", "no": "false", "0": "false", "none": "false"}.get(resume, resume)
+    if resume not in ("true", "false", "auto"):
+        raise ConfigurationError(f"training.resume must be true, false or auto, got {training.get('resume')!r}.")
+    directory = training.get("checkpoint_dir")
+    if not directory:
+        if resume == "true":
+            raise ConfigurationError("training.resume is true but training.checkpoint_dir is empty: nothing to resume from.")
+        return None, every, resume
+    return Path(directory) / f"{training['algorithm']}-seed{int(training.get('seed', 0))}.pt", every, resume
+
+
+def _load_checkpoint(path: Path | None, resume: str) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None to start afresh (it is then overwritten)."""
+    if path is None or resume == "false":
+        if path is not None and path.exists():
+            logger.warning(
+                "A checkpoint of an interrupted run exists at %s; this run starts afresh and overwrites it. To continue "
+                "it instead: kedro run --params training.resume=true", path,
+            )  # fmt: skip
+        return None
+    if not path.exists():
+        if resume == "true":
+            raise ConfigurationError(
+                f"training.resume is true but there is no checkpoint at {path} (none was written, or the run "
+                "completed and removed it). Run without training.resume, or with training.resume=auto."
+            )
+        logger.info("training.resume=auto: no checkpoint at %s, starting afresh", path)
+        return None
+    import torch
+
+    checkpoint = deserialize_checkpoint(path.read_bytes(), map_location=None if torch.cuda.is_available() else "cpu")
+    logger.info("Resuming from %s (%d of %d rounds done)", path, checkpoint["rounds_completed"], checkpoint["num_rounds"])
+    return checkpoint
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, then `os.replace` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.debug("Checkpoint written: %s (%.1f MB)", path, len(data) / 1e6)
 
 
 def track_training(

@@ -16,6 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "dataset_info",
                     "params:training",
                     "params:algorithm_params",
+                    "synthetic_client_sets",
                 ],
                 outputs=["trained_models", "training_history", "communication_log", "training_summary"],
                 name="train_federated",

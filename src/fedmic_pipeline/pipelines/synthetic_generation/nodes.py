@@ -10,7 +10,7 @@ the nodes only use these): generator weights (FedAvg uploads), and the class x d
 count matrix of its training split. Pooled real images are touched only by the
 evaluation-only quality node (reference encoder, real-trained CAS reference).
 
-The output contract read by training (`training.use_synthetic`): `synthetic_client_sets`
+The output contract read by training (`training.extra_training_data: synthetic`): `synthetic_client_sets`
 holds one `client_XX.npz` per partition client with exactly the keys `images` (uint8, the
 partition's layout: (N,H,W) or (N,H,W,3)), `labels` (int64), `devices` (int64) and
 `is_synthetic` (bool, all True); N may be 0.
@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from fedmic_pipeline.core.data import to_client_data
+from fedmic_pipeline.core.data import make_generator, to_client_data
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec
 from fedmic_pipeline.core.synthesis import (
     GeneratorTrainingConfig,
@@ -48,7 +48,6 @@ from fedmic_pipeline.core.synthesis import (
     state_sha256,
     train_generator_federated,
 )
-from fedmic_pipeline.core.data import make_generator
 from fedmic_pipeline.datasets.npz_dataset import npy_bytes
 from fedmic_pipeline.reporting.synthetic_plots import synthetic_grid_figure
 
@@ -545,7 +544,8 @@ def _name_devices(raw: dict[str, Any], names: list[str], class_names: list[str])
     cas["held_out_device"] = None if raw["cas"]["held_out_device"] is None else names[raw["cas"]["held_out_device"]]
     out["cas"] = cas
     enc = dict(raw["encoder"])
-    enc["test_joint_accuracy_by_device"] = {names[d]: v for d, v in enc["test_joint_accuracy_by_device"].items()}
+    for key in ("test_joint_accuracy_by_device", "test_device_accuracy_by_device"):
+        enc[key] = {names[d]: v for d, v in enc[key].items()}
     out["encoder"] = enc
     return out
 
@@ -634,7 +634,9 @@ def quality_markdown(result: Mapping[str, Any], table: pd.DataFrame) -> str:
         f"Mean over seen devices: CAS {_fmt(cas.get('trained_on_synthetic_mean_seen_devices'))} vs real-trained "
         f"{_fmt(cas.get('trained_on_real_mean_seen_devices'))}.",
         "",
-        "Reference encoder test accuracy on the joint class x device label: "
+        "Reference encoder on the global test set (per rendering device): device identified "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in result["encoder"]["test_device_accuracy_by_device"].items())
+        + "; joint class x device label "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in result["encoder"]["test_joint_accuracy_by_device"].items()) + ".",
         "",
     ]
