@@ -24,6 +24,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 ARGS ?=
 PYTEST_ARGS ?=
+# Two workers on two cores, each test with one torch thread (tests/conftest.py); a file's tests share a worker.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help install run test test-fast repro clean-outputs
 
@@ -45,10 +47,10 @@ run: $(STAMP)  ## run the default pipeline on the bundled data (extra kedro flag
 	$(BIN)/kedro run $(ARGS)
 
 test: $(STAMP)  ## run the whole test suite (extra pytest flags: PYTEST_ARGS="-m 'not slow'")
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## the quick loop: everything but the slow end-to-end tests
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 repro: $(STAMP)  ## rebuild the DVC stages whose inputs changed
 	$(BIN)/dvc repro
