@@ -35,3 +35,24 @@ def _single_torch_thread():
         return
     torch.set_num_threads(1)
     yield
+
+
+def _end_mlflow_runs() -> None:
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_run_leaks_between_tests():
+    """kedro-mlflow can leave its run active after an in-process session; a later session in
+    the same worker process would then log into it (duplicate parameters). Each test starts
+    and ends with no active run."""
+    _end_mlflow_runs()
+    yield
+    _end_mlflow_runs()
