@@ -491,3 +491,20 @@ def test_train_service_waits_for_mlflow_and_reserves_the_gpu() -> None:
     assert data_mounts, "train needs a data volume"
     command = _words(train.get("command"))
     assert not command or command == ["kedro", "run"] or command[:2] == ["kedro", "run"]
+
+
+def test_multisite_profile_runs_one_supernode_per_partition_without_runtime_installs():
+    services = _compose()["services"]
+    sites = {name: svc for name, svc in services.items() if name.startswith("supernode-")}
+    assert len(sites) >= 2
+    partitions = set()
+    for name, svc in sites.items():
+        assert svc["profiles"] == ["multisite"], name
+        command = " ".join(svc["command"])
+        assert "--superlink superlink:" in command
+        partitions.add(command.split("partition-id=")[1].split()[0])
+        assert svc["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+        assert svc["environment"]["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert len(partitions) == len(sites)  # each site reads its own hospital's partition
+    assert "--disable-runtime-dependency-installation" in services["superlink"]["command"]
+    assert "flwr run" in " ".join(services["federate"]["command"])
