@@ -46,13 +46,18 @@ def _end_mlflow_runs() -> None:
 
     while mlflow.active_run() is not None:
         mlflow.end_run()
+    hooks = sys.modules.get("kedro_mlflow.framework.hooks.mlflow_hook")
+    if hooks is not None:
+        # kedro-mlflow's hook is a process-wide singleton that keeps the last run id; a later
+        # session whose pipeline has tracking disabled would reopen that run in another store.
+        hooks.mlflow_hook.run_id = None
 
 
 @pytest.fixture(autouse=True)
 def _no_mlflow_run_leaks_between_tests():
-    """kedro-mlflow can leave its run active after an in-process session; a later session in
-    the same worker process would then log into it (duplicate parameters). Each test starts
-    and ends with no active run."""
+    """kedro-mlflow can leave its run active (and its run id remembered) after an in-process
+    session; a later session in the same worker process would then log into it. Each test
+    starts and ends with no active run."""
     _end_mlflow_runs()
     yield
     _end_mlflow_runs()

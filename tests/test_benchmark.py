@@ -59,6 +59,7 @@ def test_command_writes_report_with_positive_figures(tiny_partition: Path, tmp_p
         "--param", "fedavg.model_options={widths: [8, 16, 32], feature_dim: 32}",
         "--param", "fedmic.model_options={widths: [8, 16, 32], feature_dim: 32}",
         "--param", "simulation.join_ratio=1.0",
+        "--max-foreign-cores", "-1",  # keep every repetition however busy the machine is
         "--quiet",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -74,7 +75,8 @@ def test_command_writes_report_with_positive_figures(tiny_partition: Path, tmp_p
     assert setting["num_clients"] == 2
     assert setting["clients_per_round"] == 2
     assert setting["rounds"] == 1 and setting["repeats"] == 1
-    assert setting["naive_batch_size"] == 10
+    assert setting["naive_batch_size"] == 10 and setting["max_foreign_cpu_cores"] is None
+    assert report["discarded_repetitions"] == {"fedavg": [], "fedmic": []}
     assert "core defaults" in setting["defaults_source"]
     assert set(setting["algorithms"]) == {"fedavg", "fedmic"}
 
@@ -82,15 +84,17 @@ def test_command_writes_report_with_positive_figures(tiny_partition: Path, tmp_p
     assert [(r["algorithm"], r["variant"]) for r in rows] == [(a, v) for a in ("fedavg", "fedmic") for v in VARIANTS]
     for row in rows:
         assert row["batch_size"] == (32 if row["variant"] == RESIDENT else 10)
-        for key in ("samples_per_s", "round_time_s", "samples_per_round", "speedup_vs_naive"):
+        for key in ("samples_per_s", "round_time_s", "samples_per_round", "speedup_vs_naive", "speedup_vs_naive_paired"):
             assert isinstance(row[key], float) and row[key] > 0, (row["algorithm"], row["variant"], key)
         assert len(row["runs"]) == 1
+        assert {"samples", "seconds", "load_avg_1m", "foreign_cpu_cores"} <= set(row["runs"][0])
         assert row["runs"][0]["samples"] >= 23 + 14 - 2  # a trailing batch of one may be dropped
     naive_rows = [r for r in rows if r["variant"] == NAIVE]
     assert all(r["speedup_vs_naive"] == 1.0 for r in naive_rows)
     for name in ("fedavg", "fedmic"):
         ratios = report["ratios"][name]
-        assert set(ratios) == {"resident_vs_naive", "data_path_gain_at_bs10", "batch_size_gain"}
+        gains = {"resident_vs_naive", "data_path_gain_at_bs10", "batch_size_gain"}
+        assert set(ratios) == gains | {f"{g}_paired" for g in gains}
         assert all(v > 0 for v in ratios.values())
 
     markdown = output.with_suffix(".md").read_text()

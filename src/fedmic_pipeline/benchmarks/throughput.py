@@ -39,7 +39,12 @@ warm-up round per variant on the two smallest clients, then ``--repeats`` repeti
 each a fresh federation of ``--rounds`` rounds per variant with the variants in
 alternating order (forward on even, backward on odd repetitions) inside one process so
 that a load change on the shared machine hits all of them alike; the medians over the
-repetitions are reported, with the raw values and the 1-minute load average.
+repetitions are reported (and the medians of the within-repetition ratios, ``*_paired``),
+with the raw values, the 1-minute load average and the CPU cores that *other* processes
+used during each run (from /proc/stat). A repetition during which other processes used
+more than ``--max-foreign-cores`` (default 0.5) is discarded and run again (at most
+2 x repeats times; the discarded ones stay in the JSON): two torch threads on two cores
+shared with one busy process slow down many-fold, which says nothing about the code.
 
 Settings: the defaults of the project, read from ``conf/base/parameters_federated_training.yml``
 when that file exists (``--params-file``; ``none`` ignores it), else the core's defaults
@@ -541,8 +546,18 @@ def run_benchmark(
     naive_batch_size: int = NAIVE_BATCH_SIZE,
     warmup: bool = True,
     log: Any = None,
+    max_foreign_cores: float | None = 0.5,
+    max_discarded: int | None = None,
 ) -> dict[str, Any]:
-    """Measure every variant of every algorithm; return the report as a JSON-able dict."""
+    """Measure every variant of every algorithm; return the report as a JSON-able dict.
+
+    A repetition during which other processes used more than ``max_foreign_cores`` CPU
+    cores (on a shared machine, two torch threads then wait on a descheduled thread and
+    slow down many-fold) is discarded and run again, at most ``max_discarded`` times per
+    algorithm (default: ``2 * repeats``); after that contended repetitions are kept and
+    flagged. ``None`` keeps every repetition.
+    """
+    max_discarded = 2 * repeats if max_discarded is None else max_discarded
     if rounds < 1 or repeats < 1 or threads < 1 or naive_batch_size < 2:
         raise ConfigurationError("rounds, repeats and threads must be >= 1 and the naive batch size >= 2.")
     unknown = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
@@ -560,6 +575,7 @@ def run_benchmark(
 
     rows: list[dict[str, Any]] = []
     ratios: dict[str, dict[str, float]] = {}
+    discarded_total: dict[str, list[dict[str, Any]]] = {}
     resolved: dict[str, dict[str, Any]] = {}
     for name in algorithms:
         params = settings.algorithm_params.get(name, {})
@@ -579,31 +595,48 @@ def run_benchmark(
                 run(variant, bs, smallest, warm_raw, warm_settings, 1)
                 gc.collect()
         per_run: dict[str, list[dict[str, Any]]] = {v: [] for v, _ in variants}
-        for rep in range(repeats):
-            order = variants if rep % 2 == 0 else variants[::-1]
+        discarded: list[dict[str, Any]] = []
+        attempt = 0
+        while len(per_run[NAIVE]) < repeats:
+            order = variants if attempt % 2 == 0 else variants[::-1]
+            attempt += 1
+            repetition: dict[str, dict[str, Any]] = {}
             for variant, bs in order:
                 load = _load1()
                 with _ForeignLoad() as foreign:
                     timings = run(variant, bs, clients, raw, settings, rounds)
                 samples = sum(s for s, _ in timings)
                 seconds = sum(t for _, t in timings)
-                per_run[variant].append(
-                    {
-                        "samples": samples,
-                        "seconds": seconds,
-                        "samples_per_s": samples / seconds,
-                        "round_time_s": seconds / len(timings),
-                        "load_avg_1m": load,
-                        "foreign_cpu_cores": foreign.cores,
-                    }
-                )
+                repetition[variant] = {
+                    "samples": samples,
+                    "seconds": seconds,
+                    "samples_per_s": samples / seconds,
+                    "round_time_s": seconds / len(timings),
+                    "load_avg_1m": load,
+                    "foreign_cpu_cores": foreign.cores,
+                }
                 say(
-                    f"{name}: rep {rep + 1}/{repeats} {variant:<14} batch {bs:>3}: "
+                    f"{name}: attempt {attempt} (kept {len(per_run[NAIVE])}/{repeats}) {variant:<14} batch {bs:>3}: "
                     f"{samples / seconds:9.1f} samples/s, {seconds / len(timings):7.3f} s/round "
                     f"(load {load}, other processes {foreign.cores} cores)"
                 )
                 gc.collect()
+            contended = max_foreign_cores is not None and any(
+                (r["foreign_cpu_cores"] or 0.0) > max_foreign_cores for r in repetition.values()
+            )
+            if contended and len(discarded) < max_discarded:
+                say(f"{name}: attempt {attempt} discarded: other processes used > {max_foreign_cores} cores")
+                discarded.append({"attempt": attempt, **repetition})
+                continue
+            for variant, record in repetition.items():
+                per_run[variant].append({"attempt": attempt, "contended": contended, **record})
+        discarded_total[name] = discarded
         medians = {v: _median([r["samples_per_s"] for r in per_run[v]]) for v, _ in variants}
+
+        def paired(a: str, b: str) -> float:
+            """Median over repetitions of the ratio within each repetition (robust to drift)."""
+            return _median([ra["samples_per_s"] / rb["samples_per_s"] for ra, rb in zip(per_run[a], per_run[b], strict=True)])
+
         for variant, bs in variants:
             runs = per_run[variant]
             rows.append(
@@ -616,6 +649,7 @@ def run_benchmark(
                     "samples_per_s": medians[variant],
                     "round_time_s": _median([r["round_time_s"] for r in runs]),
                     "speedup_vs_naive": medians[variant] / medians[NAIVE],
+                    "speedup_vs_naive_paired": paired(variant, NAIVE),
                     "foreign_cpu_cores_median": _median_or_none([r["foreign_cpu_cores"] for r in runs]),
                     "runs": runs,
                 }
@@ -624,6 +658,9 @@ def run_benchmark(
             "resident_vs_naive": medians[RESIDENT] / medians[NAIVE],
             "data_path_gain_at_bs10": medians[RESIDENT_BS10] / medians[NAIVE],
             "batch_size_gain": medians[RESIDENT] / medians[RESIDENT_BS10],
+            "resident_vs_naive_paired": paired(RESIDENT, NAIVE),
+            "data_path_gain_at_bs10_paired": paired(RESIDENT_BS10, NAIVE),
+            "batch_size_gain_paired": paired(RESIDENT, RESIDENT_BS10),
         }
     return {
         "schema": SCHEMA,
@@ -655,6 +692,7 @@ def run_benchmark(
             "repeats": repeats,
             "warmup": warmup,
             "naive_batch_size": naive_batch_size,
+            "max_foreign_cpu_cores": max_foreign_cores,
             "defaults_source": settings.source,
             "ignored_keys": settings.ignored_keys,
             "data_spec": dataclasses.asdict(spec),
@@ -662,6 +700,7 @@ def run_benchmark(
         },
         "results": rows,
         "ratios": ratios,
+        "discarded_repetitions": discarded_total,
     }
 
 
@@ -695,9 +734,20 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             f"{row['samples_per_round']:.0f} | {row['samples_per_s']:.1f} | {row['round_time_s']:.3f} | "
             f"{row['speedup_vs_naive']:.2f} | {row['foreign_cpu_cores_median']} |"
         )
-    lines += ["", "| Algorithm | resident vs naive | data-path gain (bs 10) | batch-size gain |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "Ratios of the medians (in brackets: median of the within-repetition ratios).",
+        "",
+        "| Algorithm | resident vs naive | data-path gain (bs 10) | batch-size gain | repetitions discarded (contended) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, r in report["ratios"].items():
-        lines.append(f"| {name} | {r['resident_vs_naive']:.2f} | {r['data_path_gain_at_bs10']:.2f} | {r['batch_size_gain']:.2f} |")
+        lines.append(
+            f"| {name} | {r['resident_vs_naive']:.2f} ({r['resident_vs_naive_paired']:.2f}) | "
+            f"{r['data_path_gain_at_bs10']:.2f} ({r['data_path_gain_at_bs10_paired']:.2f}) | "
+            f"{r['batch_size_gain']:.2f} ({r['batch_size_gain_paired']:.2f}) | "
+            f"{len(report.get('discarded_repetitions', {}).get(name, []))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -735,7 +785,9 @@ def print_table(report: Mapping[str, Any]) -> None:
     for name, r in report["ratios"].items():
         console.print(
             f"{name}: resident vs naive x{r['resident_vs_naive']:.2f} = data path (bs 10) x{r['data_path_gain_at_bs10']:.2f}"
-            f" * batch size x{r['batch_size_gain']:.2f}"
+            f" * batch size x{r['batch_size_gain']:.2f}  (within-repetition ratios: x{r['resident_vs_naive_paired']:.2f},"
+            f" x{r['data_path_gain_at_bs10_paired']:.2f}, x{r['batch_size_gain_paired']:.2f}); "
+            f"{len(report['discarded_repetitions'].get(name, []))} contended repetitions discarded"
         )
 
 
@@ -776,6 +828,11 @@ def _parser() -> argparse.ArgumentParser:
         help="before starting, wait until the 1-minute load average is at most LOAD",
     )  # fmt: skip
     p.add_argument("--wait-timeout", type=float, default=1800.0, help="seconds --wait-load waits at most (default 1800)")
+    p.add_argument(
+        "--max-foreign-cores", type=float, default=0.5, metavar="CORES",
+        help="rerun a repetition during which other processes used more CPU cores than this "
+        "(default 0.5; a negative value keeps every repetition)",
+    )  # fmt: skip
     return p
 
 
@@ -793,6 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.algorithms, args.partition_dir, settings, rounds=args.rounds, repeats=args.repeats,
             threads=args.threads, device=args.device, naive_batch_size=args.naive_batch_size,
             warmup=args.warmup, log=log,
+            max_foreign_cores=None if args.max_foreign_cores < 0 else args.max_foreign_cores,
         )  # fmt: skip
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
