@@ -20,7 +20,7 @@ from fedmic_pipeline.core.algorithms import ALGORITHMS, build_algorithm
 from fedmic_pipeline.core.data import to_client_data, to_tensors
 from fedmic_pipeline.core.evaluation import SCALAR_METRICS, compute_metrics, predict_proba, summarize_sites
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm
-from fedmic_pipeline.core.simulation import SimulationConfig, SimulationResult
+from fedmic_pipeline.core.simulation import SimulationConfig, SimulationResult, run_simulation
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def headline_metrics(evaluation_report: dict[str, Any], training_summary: dict[s
     g = evaluation_report["global"]
     for name in SCALAR_METRICS:
         flat[f"global.{name}"] = _clean(g[name]) if g else None
-    if g:
+    if g and "ci" in g:  # no intervals when n_bootstrap is 0
         flat["global.accuracy_ci_low"], flat["global.accuracy_ci_high"] = g["ci"]["accuracy"]
     held_out = evaluation_report["held_out_device"]
     unseen = evaluation_report["global_by_device"].get(held_out) if held_out else None
@@ -298,3 +298,34 @@ def headline_metrics(evaluation_report: dict[str, Any], training_summary: dict[s
     flat["communication.mb_up_per_client_per_round"] = training_summary["mb_up_per_client_per_round"]
     flat["wall_time_s"] = totals["wall_time_s"]
     return flat
+
+
+def run_and_evaluate(
+    method: str,
+    algorithm_params: Mapping[str, Any],
+    dataset_info: Mapping[str, Any],
+    client_arrays: Mapping[str, ArraysOrLoader],
+    global_test_set: Mapping[str, np.ndarray],
+    held_out_device: str | None,
+    training: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    extra: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], SimulationResult]:
+    """One in-memory run of `method` and its evaluation (the comparison and the ablation).
+
+    Returns the evaluation report, the run summary and the simulation result.
+    """
+    spec = data_spec(dataset_info)
+    algorithm = make_algorithm(method, algorithm_params, spec)
+    clients = build_clients(client_arrays, extra)
+    result = run_simulation(algorithm, clients, spec, simulation_config(training), global_test=global_test_tensors(global_test_set))
+    report = evaluate_models(
+        global_model=result.global_model(),
+        personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},
+        clients=clients,
+        global_test_set=global_test_set,
+        dataset_info=dataset_info,
+        held_out_device=held_out_device,
+        evaluation=evaluation,
+    )
+    return report, run_summary(algorithm, result, clients), result

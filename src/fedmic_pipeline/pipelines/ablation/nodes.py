@@ -19,7 +19,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedmic_pipeline import experiment
-from fedmic_pipeline.core.simulation import run_simulation
 from fedmic_pipeline.pipelines.compare.nodes import as_list
 from fedmic_pipeline.pipelines.data_partition.nodes import build_partition_plan, materialise_partition
 from fedmic_pipeline.pipelines.synthetic_generation.nodes import (
@@ -78,19 +77,10 @@ def run_ablation(
                 done += 1
                 started = time.perf_counter()
                 extra = experiment.extra_training_sets(arm, clients_arrays, synthetic_sets, seed)
-                clients = experiment.build_clients(clients_arrays, extra)
-                algorithm = experiment.make_algorithm(method, algorithm_params, spec)
-                config = experiment.simulation_config({**run_training, "seed": seed})
-                result = run_simulation(algorithm, clients, spec, config, global_test=experiment.global_test_tensors(global_test_set))
-                report = experiment.evaluate_models(
-                    global_model=result.global_model(),
-                    personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},
-                    clients=clients,
-                    global_test_set=global_test_set,
-                    dataset_info=dataset_info,
-                    held_out_device=manifest.get("held_out_device"),
-                    evaluation=run_evaluation,
-                )
+                report, _, _ = experiment.run_and_evaluate(
+                    method, algorithm_params, dataset_info, clients_arrays, global_test_set, manifest.get("held_out_device"),
+                    {**run_training, "seed": seed}, run_evaluation, extra,
+                )  # fmt: skip
                 row = _row(report, method, arm, seed, rare, n_synthetic)
                 rows.append(row)
                 logger.info(

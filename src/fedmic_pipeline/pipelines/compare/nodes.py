@@ -19,7 +19,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedmic_pipeline import experiment
-from fedmic_pipeline.core.simulation import run_simulation
 from fedmic_pipeline.pipelines.data_partition.nodes import build_partition_plan, materialise_partition
 from fedmic_pipeline.reporting import comparison_plots
 
@@ -67,7 +66,6 @@ def run_comparison(
         experiment.make_algorithm(method, algorithm_params, experiment.data_spec(dataset_info))
     grid = [(lam, seed) for lam in lambdas for seed in seeds]
     total, done = len(grid) * len(methods), 0
-    spec = experiment.data_spec(dataset_info)
     run_training = {**training, **compare.get("training_overrides", {})}
     run_evaluation = {**evaluation, "n_bootstrap": int(compare.get("n_bootstrap", evaluation["n_bootstrap"]))}
     rows, curves = [], []
@@ -81,20 +79,10 @@ def run_comparison(
         for method in methods:
             done += 1
             started = time.perf_counter()
-            algorithm = experiment.make_algorithm(method, algorithm_params, spec)
-            clients = experiment.build_clients(client_arrays)
-            config = experiment.simulation_config({**run_training, "seed": int(seed)})
-            result = run_simulation(algorithm, clients, spec, config, global_test=experiment.global_test_tensors(global_test_set))
-            report = experiment.evaluate_models(
-                global_model=result.global_model(),
-                personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},
-                clients=clients,
-                global_test_set=global_test_set,
-                dataset_info=dataset_info,
-                held_out_device=manifest.get("held_out_device"),
-                evaluation=run_evaluation,
-            )
-            summary = experiment.run_summary(algorithm, result, clients)
+            report, summary, result = experiment.run_and_evaluate(
+                method, algorithm_params, dataset_info, client_arrays, global_test_set, manifest.get("held_out_device"),
+                {**run_training, "seed": int(seed)}, run_evaluation,
+            )  # fmt: skip
             row = {"method": method, "lambda": float(lam), "seed": int(seed), **experiment.headline_metrics(report, summary)}
             row.pop("algorithm", None)
             rows.append(row)

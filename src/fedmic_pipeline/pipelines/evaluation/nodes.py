@@ -93,7 +93,7 @@ def device_table(evaluation_report: dict[str, Any]) -> pd.DataFrame:
         row = {"device": name, "held_out": name == evaluation_report["held_out_device"]}
         for metric in SCALAR_METRICS:
             row[metric] = metrics[metric]
-            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = metrics["ci"][metric]
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = metrics.get("ci", {}).get(metric, (None, None))
         rows.append(row)
     return pd.DataFrame(rows, columns=["device", "held_out", *[c for m in SCALAR_METRICS for c in (m, f"{m}_ci_low", f"{m}_ci_high")]])
 
