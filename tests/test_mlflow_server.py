@@ -164,7 +164,7 @@ def test_training_and_evaluation_log_run_model_and_champion_over_http(project_ro
     assert run.info.status == "FINISHED"
     assert run.data.params["training.algorithm"] == "fedavg"
     assert "partition.manifest_sha256" in run.data.tags and "git_commit" in run.data.tags
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "global_test_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global_val_balanced_accuracy")] == [1, 2]
     assert "final.global.balanced_accuracy" in run.data.metrics
     # artifacts went through the server's proxy into --artifacts-destination
     assert len(client.list_artifacts(run.info.run_id, "personalized_models")) == 4

@@ -73,7 +73,7 @@ def _config(**overrides) -> SimulationConfig:
 def _run(federation, name, params=ALGORITHM_PARAMS, config=None, **kwargs):
     spec, clients, test = federation
     algorithm = experiment.make_algorithm(name, params, spec)
-    return run_simulation(algorithm, clients, spec, config or _config(), global_test=test, **kwargs)
+    return run_simulation(algorithm, clients, spec, config or _config(), **kwargs)
 
 
 def _history_json(history) -> str:
@@ -82,11 +82,14 @@ def _history_json(history) -> str:
 
 
 def _models(result) -> dict[str, dict[str, torch.Tensor]]:
+    """The selected and the last-round models: a resume must continue the selection too."""
     out = {}
     if result.global_model() is not None:
         out["global"] = result.global_model().state_dict()
+        out["global_last"] = result.last_global_model().state_dict()
     for cid in result.client_ids:
         out[f"client_{cid}"] = result.personalized_model(cid).state_dict()
+        out[f"client_{cid}_last"] = result.last_personalized_model(cid).state_dict()
     return out
 
 
@@ -115,6 +118,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(federation, na
     assert resumed.extras["resumed_after_round"] == STOP_AFTER
     assert _history_json(resumed.history) == _history_json(full.history)
     assert [r["sampled"] for r in resumed.history] == [r["sampled"] for r in full.history]
+    assert full.selector.summary() == resumed.selector.summary()
     a, b = _models(full), _models(resumed)
     assert a.keys() == b.keys()
     for model_key in a:
@@ -163,6 +167,7 @@ def test_every_other_method_resumes_identically(federation, name):
              on_checkpoint=lambda c: saved.append(serialize_checkpoint(c)))  # fmt: skip
     resumed = _run(federation, name, params=params, resume_from=deserialize_checkpoint(saved[-1]))
     assert _history_json(resumed.history) == _history_json(full.history)
+    assert full.selector.summary() == resumed.selector.summary()
     a, b = _models(full), _models(resumed)
     for model_key in a:
         for key, value in a[model_key].items():
@@ -212,7 +217,7 @@ def test_resuming_on_other_data_names_the_client(federation):
     changed[0] = type(first)(**{**first.__dict__, "train_x": first.train_x.flip(0)})  # same shapes, other order
     algorithm = experiment.make_algorithm("fedavg", ALGORITHM_PARAMS, spec)
     with pytest.raises(CheckpointMismatchError, match=r"data\.client_00") as info:
-        run_simulation(algorithm, changed, spec, _config(), global_test=test, resume_from=checkpoint)
+        run_simulation(algorithm, changed, spec, _config(), resume_from=checkpoint)
     assert info.value.mismatches == ["data.client_00"]
 
 
@@ -291,19 +296,19 @@ def test_node_removes_the_checkpoint_of_a_completed_run_and_refuses_a_missing_on
     clients, global_test, info = node_inputs
     params = _node_params(tmp_path / "ckpt")
     with caplog.at_level("INFO"):
-        train_federated(clients, global_test, info, params["training"], params["algorithm_params"])
+        train_federated(clients, info, params["training"], params["algorithm_params"])
     assert "removed its checkpoint" in caplog.text
     assert list((tmp_path / "ckpt").iterdir()) == []  # no checkpoint, no stray temp file
 
     params = _node_params(tmp_path / "ckpt", resume=True)
     with pytest.raises(ConfigurationError, match="no checkpoint at .*fedavg-seed5.pt"):
-        train_federated(clients, global_test, info, params["training"], params["algorithm_params"])
+        train_federated(clients, info, params["training"], params["algorithm_params"])
     params = _node_params(tmp_path / "ckpt", resume="auto")  # auto: nothing to resume, start afresh
-    _, history, _, _ = train_federated(clients, global_test, info, params["training"], params["algorithm_params"])
+    _, history, _, _ = train_federated(clients, info, params["training"], params["algorithm_params"])
     assert len(history) == 2
     params = _node_params(tmp_path / "ckpt", resume="maybe")
     with pytest.raises(ConfigurationError, match="training.resume must be true, false or auto"):
-        train_federated(clients, global_test, info, params["training"], params["algorithm_params"])
+        train_federated(clients, info, params["training"], params["algorithm_params"])
 
 
 # ---- end to end: `kedro run` killed mid-run, then `kedro run --params training.resume=true`
@@ -383,4 +388,4 @@ def test_kedro_run_killed_mid_run_resumes_to_the_same_history(project_root, tmp_
     assert not checkpoint.exists()
     assert len(resumed) == rounds
     pd.testing.assert_frame_equal(_without_timing(resumed), _without_timing(uninterrupted), check_exact=True)
-    assert math.isfinite(float(resumed["global_test_accuracy"].iloc[-1]))
+    assert math.isfinite(float(resumed["global_val_balanced_accuracy"].iloc[-1]))

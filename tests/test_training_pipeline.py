@@ -40,13 +40,15 @@ def small_federation():
 def _train(federation, **training_overrides):
     clients, global_test, info, _ = federation
     params = _training_params(**training_overrides)
-    return train_federated(clients, global_test, info, params["training"], params["algorithm_params"])
+    return train_federated(clients, info, params["training"], params["algorithm_params"])
 
 
 def test_same_seed_gives_the_same_run_on_the_cpu(small_federation):
     models_a, history_a, comm_a, _ = _train(small_federation, algorithm="fedmic", seed=3)
     models_b, history_b, comm_b, _ = _train(small_federation, algorithm="fedmic", seed=3)
-    cols = ["train_loss", "train_accuracy", "global_test_accuracy", "personalized_val_accuracy", "bytes_up_total"]
+    cols = [
+        "train_loss", "train_accuracy", "global_val_balanced_accuracy", "personalized_val_balanced_accuracy", "bytes_up_total"
+    ]  # fmt: skip
     assert history_a[cols].equals(history_b[cols])
     assert comm_a.equals(comm_b)
     for key, value in models_a["global"]["state_dict"].items():
@@ -63,7 +65,7 @@ def test_fedmic_uploads_less_than_fedavg_and_keeps_teachers_personal(small_feder
     assert fedmic_models["client_00"]["state_dict"].keys() != fedmic_models["global"]["state_dict"].keys() or (
         fedmic_models["client_00"]["architecture"] == "student_cnn"
     )
-    assert set(fedavg_models) == {"global", *(f"client_{k:02d}" for k in range(10))}
+    assert set(fedavg_models) == {"global", "global_last", *(f"client_{k:02d}" for k in range(10))}
 
 
 @pytest.mark.parametrize(
@@ -81,7 +83,7 @@ def test_bad_configuration_fails_before_training(small_federation, overrides, al
     params["algorithm_params"]["fedmic"].update(algorithm_overrides)
     never_loaded = {key: _explode for key in clients}  # training would load client data first
     with pytest.raises(ConfigurationError, match=message):
-        train_federated(never_loaded, global_test, info, params["training"], params["algorithm_params"])
+        train_federated(never_loaded, info, params["training"], params["algorithm_params"])
 
 
 def _explode():
@@ -95,7 +97,7 @@ def test_more_clients_than_samples_is_refused(small_federation):
         tiny[key] = {**arrays, "train_images": arrays["train_images"][:0], "train_labels": arrays["train_labels"][:0]}
     params = _training_params(algorithm="fedavg")
     with pytest.raises(ConfigurationError, match="(?i)sample|empty"):
-        train_federated(tiny, global_test, info, params["training"], params["algorithm_params"])
+        train_federated(tiny, info, params["training"], params["algorithm_params"])
 
 
 @pytest.mark.slow
@@ -128,7 +130,7 @@ def test_kedro_training_and_evaluation_log_a_complete_mlflow_run(project_root, t
     assert run.data.params["resolved.lr"] == str(float(params["algorithm_params"]["common"]["lr"]))
     for tag in ("git_commit", "git_dirty", "partition.manifest_sha256", "dataset.flag", "seed"):
         assert tag in run.data.tags
-    history = client.get_metric_history(run.info.run_id, "global_test_accuracy")
+    history = client.get_metric_history(run.info.run_id, "global_val_balanced_accuracy")
     assert [m.step for m in history] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "bytes_up_total")] == [1, 2]
     # Evaluation wrote its headline numbers into the same run, and a DVC metrics file.

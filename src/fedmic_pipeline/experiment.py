@@ -15,17 +15,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from fedmic_pipeline.core.algorithms import ALGORITHMS, build_algorithm
 from fedmic_pipeline.core.data import to_client_data, to_tensors
-from fedmic_pipeline.core.evaluation import SCALAR_METRICS, compute_metrics, predict_proba, summarize_sites
+from fedmic_pipeline.core.evaluation import (
+    SCALAR_METRICS,
+    compute_metrics,
+    majority_class_metrics,
+    predict_proba,
+    summarize_sites,
+)
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm
 from fedmic_pipeline.core.simulation import SimulationConfig, SimulationResult, run_simulation
 
 logger = logging.getLogger(__name__)
 
 ArraysOrLoader = Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
-SIMULATION_KEYS = ("num_rounds", "join_ratio", "seed", "device", "amp", "eval_every", "progress", "num_threads")
+SIMULATION_KEYS = (
+    "num_rounds", "join_ratio", "seed", "device", "amp", "eval_every", "progress", "num_threads", "min_val_per_class",
+)  # fmt: skip
 
 
 def data_spec(dataset_info: Mapping[str, Any]) -> DataSpec:
@@ -171,6 +180,13 @@ def _metrics(model, x, y, num_classes: int, evaluation: Mapping[str, Any], n_boo
     return compute_metrics(y.cpu().numpy(), proba, num_classes, n_bootstrap=n_boot, seed=int(evaluation["seed"]))
 
 
+def _real_train_labels(client: ClientData) -> np.ndarray:
+    labels = client.train_y.cpu().numpy()
+    if client.train_is_synthetic is None:
+        return labels
+    return labels[~client.train_is_synthetic.cpu().numpy().astype(bool)]
+
+
 def evaluate_models(
     global_model,
     personalized: Mapping[int, Any],
@@ -179,12 +195,19 @@ def evaluate_models(
     dataset_info: Mapping[str, Any],
     held_out_device: str | None,
     evaluation: Mapping[str, Any],
+    last_global_model=None,
+    last_personalized: Mapping[int, Any] | None = None,
 ) -> dict[str, Any]:
     """Every model on the data it should be judged on, with bootstrap 95% intervals.
 
-    The global model on the global test set, clean and as each imaging device renders it
-    (the held-out device included); each hospital's personalized model on its own local
-    test split and on the unseen device's rendering; mean and worst site of each.
+    The global model (the round selected on validation) on the global test set, clean and
+    as each imaging device renders it (the held-out device included), and on all
+    hospitals' local test splits pooled (``global_pooled_local_test``: the number PFLlib
+    reports); the last round's global model beside it (``global_last``); each hospital's
+    personalized model on its own local test split and on the unseen device's rendering,
+    with mean and worst site; and the majority-class baseline for both views (the pooled
+    training labels' majority on the global test set, each hospital's own majority on
+    its local test split).
     """
     num_classes = int(dataset_info["n_classes"])
     renderings = {name: global_test_tensors(global_test_set, name) for name in device_names(global_test_set)}
@@ -196,21 +219,39 @@ def evaluate_models(
         "global": None,
         "global_by_device": {},
     }
+    pooled_train = np.concatenate([_real_train_labels(c) for c in clients])
+    report["majority_class"] = majority_class_metrics(pooled_train, clean_y.numpy(), num_classes)
     if global_model is not None:
         report["global"] = _metrics(global_model, clean_x, clean_y, num_classes, evaluation)
         for name, (x, y) in renderings.items():
             report["global_by_device"][name] = _metrics(global_model, x, y, num_classes, evaluation)
-    sites, unseen = [], []
+        tested = [c for c in clients if c.test_y.shape[0] > 0]
+        if tested:
+            local_x = torch.cat([c.test_x.cpu() for c in tested])
+            local_y = torch.cat([c.test_y.cpu() for c in tested])
+            report["global_pooled_local_test"] = _metrics(global_model, local_x, local_y, num_classes, evaluation, 0)
+    if last_global_model is not None:
+        report["global_last"] = _metrics(last_global_model, clean_x, clean_y, num_classes, evaluation, n_bootstrap=0)
+    sites, unseen, majority, last_sites = [], [], [], []
     for client in clients:
         model = personalized[client.client_id]
         if client.test_y.shape[0] > 0:
             metrics = _metrics(model, client.test_x, client.test_y, num_classes, evaluation)
             sites.append({"client_id": client.client_id, "device_id": client.device_id, **metrics})
+            test_y = client.test_y.cpu().numpy()
+            majority.append({"client_id": client.client_id, **majority_class_metrics(_real_train_labels(client), test_y, num_classes)})
+            if last_personalized is not None:
+                last = _metrics(last_personalized[client.client_id], client.test_x, client.test_y, num_classes, evaluation, 0)
+                last_sites.append({"client_id": client.client_id, **last})
         if held_out_device in renderings:
             x, y = renderings[held_out_device]
             unseen.append({"client_id": client.client_id, **_metrics(model, x, y, num_classes, evaluation, n_bootstrap=0)})
     report["sites"] = sites
     report["site_summary"] = summarize_sites(sites) if sites else None
+    report["majority_class_sites"] = majority
+    report["majority_class_site_summary"] = summarize_sites(majority) if majority else None
+    if last_sites:
+        report["last_round_site_summary"] = summarize_sites(last_sites)
     report["personalized_on_unseen_device"] = unseen
     report["personalized_on_unseen_device_summary"] = summarize_sites(unseen) if unseen else None
     return report
@@ -219,7 +260,8 @@ def evaluate_models(
 def history_table(history: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per round (1-based) with the scalar curves of the run."""
     columns = (
-        "train_loss", "train_accuracy", "global_test_accuracy", "personalized_val_accuracy",
+        "train_loss", "train_accuracy", "lr", "global_val_accuracy", "global_val_balanced_accuracy",
+        "personalized_val_accuracy", "personalized_val_balanced_accuracy",
         "bytes_up_total", "bytes_down_total", "bytes_dense_total", "train_time_s", "eval_time_s", "samples_per_s",
     )  # fmt: skip
     rows = []
@@ -257,6 +299,7 @@ def run_summary(
         "algorithm_config": algorithm.describe() if hasattr(algorithm, "describe") else {"algorithm": algorithm.name},
         "simulation": result.config_dict(),
         "totals": result.totals(),
+        "selection": result.selector.summary(),
         "mb_up_per_client_per_round": float(communication["bytes_up"].mean() / 1e6) if len(communication) else 0.0,
         "mb_down_per_client_per_round": float(communication["bytes_down"].mean() / 1e6) if len(communication) else 0.0,
         "num_clients": len(clients),
@@ -279,11 +322,23 @@ def headline_metrics(evaluation_report: dict[str, Any], training_summary: dict[s
     g = evaluation_report["global"]
     for name in SCALAR_METRICS:
         flat[f"global.{name}"] = _clean(g[name]) if g else None
+    flat["global.constant_predictor"] = float(g["constant_predictor"]) if g else None
+    flat["global.top_class_share"] = _clean(g["top_class_share"]) if g else None
     if g and "ci" in g:  # no intervals when n_bootstrap is 0
         flat["global.accuracy_ci_low"], flat["global.accuracy_ci_high"] = g["ci"]["accuracy"]
+        flat["global.balanced_accuracy_ci_low"], flat["global.balanced_accuracy_ci_high"] = g["ci"]["balanced_accuracy"]
+    for key, view in (("global_last", "global_last"), ("global.pooled_local_test", "global_pooled_local_test")):
+        m = evaluation_report.get(view)
+        for name in ("accuracy", "balanced_accuracy", "macro_auc"):
+            flat[f"{key}.{name}"] = _clean(m[name]) if m else None
+        flat[f"{key}.constant_predictor"] = float(m["constant_predictor"]) if m else None
+    majority = evaluation_report.get("majority_class")
+    for name in ("accuracy", "balanced_accuracy", "macro_auc"):
+        flat[f"majority_class.global.{name}"] = _clean(majority[name]) if majority else None
     held_out = evaluation_report["held_out_device"]
     unseen = evaluation_report["global_by_device"].get(held_out) if held_out else None
     flat["unseen_device.global.accuracy"] = _clean(unseen["accuracy"]) if unseen else None
+    flat["unseen_device.global.balanced_accuracy"] = _clean(unseen["balanced_accuracy"]) if unseen else None
     for prefix, summary in (
         ("personalized", evaluation_report["site_summary"]),
         ("unseen_device.personalized", evaluation_report["personalized_on_unseen_device_summary"]),
@@ -291,6 +346,14 @@ def headline_metrics(evaluation_report: dict[str, Any], training_summary: dict[s
         for name in SCALAR_METRICS:
             flat[f"{prefix}.mean.{name}"] = _clean(summary["mean"][name]) if summary else None
             flat[f"{prefix}.worst.{name}"] = _clean(summary["worst"][name]) if summary else None
+        flat[f"{prefix}.num_sites"] = summary["num_sites"] if summary else None
+        flat[f"{prefix}.num_constant_sites"] = summary["num_constant_sites"] if summary else None
+    for prefix, key in (("majority_class.personalized", "majority_class_site_summary"), ("personalized_last", "last_round_site_summary")):
+        summary = evaluation_report.get(key)
+        for name in ("accuracy", "balanced_accuracy", "macro_auc"):
+            flat[f"{prefix}.mean.{name}"] = _clean(summary["mean"][name]) if summary else None
+    selection = training_summary.get("selection") or {}
+    flat["selection.global_round"] = selection.get("global_round")
     totals = training_summary["totals"]
     flat["communication.mb_up_total"] = totals["bytes_up_total"] / 1e6
     flat["communication.mb_down_total"] = totals["bytes_down_total"] / 1e6
@@ -318,7 +381,7 @@ def run_and_evaluate(
     spec = data_spec(dataset_info)
     algorithm = make_algorithm(method, algorithm_params, spec)
     clients = build_clients(client_arrays, extra)
-    result = run_simulation(algorithm, clients, spec, simulation_config(training), global_test=global_test_tensors(global_test_set))
+    result = run_simulation(algorithm, clients, spec, simulation_config(training))
     report = evaluate_models(
         global_model=result.global_model(),
         personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},
@@ -327,5 +390,7 @@ def run_and_evaluate(
         dataset_info=dataset_info,
         held_out_device=held_out_device,
         evaluation=evaluation,
+        last_global_model=result.last_global_model(),
+        last_personalized={c.client_id: result.last_personalized_model(c.client_id) for c in clients},
     )
     return report, run_summary(algorithm, result, clients), result

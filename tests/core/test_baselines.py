@@ -11,7 +11,7 @@ from fedmic_pipeline.core.algorithms import ALGORITHMS, AlgorithmConfig, BaseAlg
 from fedmic_pipeline.core.algorithms.scaffold import CONTROL_PREFIX
 from fedmic_pipeline.core.models import build_model
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec
-from fedmic_pipeline.core.simulation import SimulationConfig, run_simulation
+from fedmic_pipeline.core.simulation import SimulationConfig, evaluate_result, run_simulation
 from fedmic_pipeline.core.training import parameter_keys
 
 from .conftest import NUM_CLASSES, TINY_STUDENT
@@ -27,9 +27,9 @@ def _params(name: str) -> dict:
     return {**COMMON, "lr": 0.1} if name == "scaffold" else dict(COMMON)
 
 
-def _run(name: str, clients, spec, global_test=None, rounds: int = 2, **params: object):
+def _run(name: str, clients, spec, rounds: int = 2, **params: object):
     algorithm = build_algorithm(name, {**_params(name), **params}, spec)
-    return run_simulation(algorithm, clients, spec, SimulationConfig(num_rounds=rounds, seed=0), global_test=global_test)
+    return run_simulation(algorithm, clients, spec, SimulationConfig(num_rounds=rounds, seed=0))
 
 
 def _params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -39,14 +39,16 @@ def _params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_every_baseline_beats_chance_in_two_rounds(name: str, clients: list[ClientData], spec: DataSpec, global_test) -> None:
-    result = _run(name, clients, spec, global_test)
+    result = _run(name, clients, spec)
     last = result.history[-1]
     chance = 1.0 / NUM_CLASSES
     assert last["personalized_val_accuracy"] > chance + 0.2, last
+    final = evaluate_result(result, clients, NUM_CLASSES, global_test, n_bootstrap=0)
     if name == "local_only":
-        assert result.global_model() is None and last["global_test_accuracy"] is None
+        assert result.last_global_model() is None and last["global_val_accuracy"] is None and final["global"] is None
     else:
-        assert last["global_test_accuracy"] > chance + 0.2, last
+        assert last["global_val_accuracy"] > chance + 0.2, last
+        assert final["global"]["accuracy"] > chance + 0.2, final["global"]
     assert result.totals()["rounds"] == 2 and result.algorithm.name == name
 
 
@@ -96,7 +98,7 @@ def test_register_decorator_adds_a_method(spec: DataSpec) -> None:
 def test_local_only_sends_nothing_and_keeps_separate_models(clients: list[ClientData], spec: DataSpec) -> None:
     result = _run("local_only", clients, spec)
     assert all(r["bytes_up_total"] == 0 and r["bytes_down_total"] == 0 and r["bytes_dense_total"] == 0 for r in result.history)
-    m0, m1 = result.personalized_model(0), result.personalized_model(1)
+    m0, m1 = result.last_personalized_model(0), result.last_personalized_model(1)
     assert m0 is not m1 and not _params_equal(m0, m1)
 
 
@@ -104,8 +106,8 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_changes_training(clients: list[Cl
     fedavg = _run("fedavg", clients, spec)
     prox0 = _run("fedprox", clients, spec, mu=0.0)
     prox = _run("fedprox", clients, spec, mu=1.0)
-    assert _params_equal(fedavg.global_model(), prox0.global_model())
-    assert not _params_equal(fedavg.global_model(), prox.global_model())
+    assert _params_equal(fedavg.last_global_model(), prox0.last_global_model())
+    assert not _params_equal(fedavg.last_global_model(), prox.last_global_model())
     assert prox.history[0]["client_metrics"][0]["objective"] > prox.history[0]["client_metrics"][0]["loss"]
     assert prox.history[0]["bytes_up"] == fedavg.history[0]["bytes_up"]
 
@@ -116,9 +118,9 @@ def test_scaffold_first_round_is_fedavg_then_control_variates_act(clients: list[
     fedavg = run_simulation(build_algorithm("fedavg", params, spec), clients, spec, SimulationConfig(num_rounds=1))
     scaffold = run_simulation(build_algorithm("scaffold", params, spec), clients, spec, SimulationConfig(num_rounds=2))
     scaffold_one = run_simulation(build_algorithm("scaffold", params, spec), clients, spec, SimulationConfig(num_rounds=1))
-    assert _params_equal(fedavg.global_model(), scaffold_one.global_model())
+    assert _params_equal(fedavg.last_global_model(), scaffold_one.last_global_model())
     control = scaffold.server_state["control"]
-    assert set(control) == set(parameter_keys(scaffold.global_model()))
+    assert set(control) == set(parameter_keys(scaffold.last_global_model()))
     assert any(float(v.abs().max()) > 0 for v in control.values())
     assert all(state["c_i"] is not None for state in scaffold.client_states.values())
 
@@ -134,7 +136,7 @@ def test_scaffold_bytes_are_model_plus_control_variate(clients: list[ClientData]
     assert record["bytes_dense_per_client"] == state
     # "about twice FedAvg": parameters are nearly the whole state (BN buffers are few)
     assert 1.9 < (state + params) / state <= 2.0
-    payload_keys = set(result.algorithm._payload(result.global_model(), result.server_state["control"]))
+    payload_keys = set(result.algorithm._payload(result.last_global_model(), result.server_state["control"]))
     assert {k for k in payload_keys if k.startswith(CONTROL_PREFIX)} == {CONTROL_PREFIX + k for k in parameter_keys(model)}
 
 
@@ -146,4 +148,4 @@ def test_partial_participation_trains_only_sampled_clients(clients: list[ClientD
     fresh = build_model("student_cnn", spec, seed=2, **TINY_STUDENT)
     untouched = [cid for cid in range(3) if cid not in sampled]
     for cid in untouched:
-        assert _params_equal(result.personalized_model(cid), fresh)
+        assert _params_equal(result.last_personalized_model(cid), fresh)

@@ -264,7 +264,7 @@ def test_fedavg_with_one_client_equals_local_training_step_for_step(clients: lis
         opt = make_optimizer(model.parameters(), "sgd", 0.05, momentum=0.9, weight_decay=1e-4)
         stats = train_local(model, clients[0], 1, 8, opt, round_generator(seed, r, clients[0].client_id), CPU_CTX)
         assert stats.loss == pytest.approx(result.history[r]["train_loss"], abs=0, rel=0)
-    fed = result.global_model().state_dict()
+    fed = result.last_global_model().state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(fed[key], value), key
 
@@ -280,7 +280,7 @@ def test_centralized_equals_continuous_training_on_pooled_data(clients: list[Cli
     opt = make_optimizer(model.parameters(), "sgd", 0.05, momentum=0.9)  # one optimizer for the whole run
     for r in range(rounds):
         train_local(model, pooled, 1, 16, opt, round_generator(seed, r, pooled.client_id), CPU_CTX)
-    got = result.global_model().state_dict()
+    got = result.last_global_model().state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
     assert result.pooled and result.history[0]["sampled"] == [-1]
     assert result.history[-1]["bytes_up_total"] == 0 and result.history[-1]["bytes_down_total"] == 0
@@ -290,14 +290,14 @@ def test_centralized_equals_continuous_training_on_pooled_data(clients: list[Cli
 # --------------------------------------------------------------------------- simulation: determinism, bytes, reporting
 
 
-def test_same_seed_gives_identical_histories(clients: list[ClientData], spec: DataSpec, global_test) -> None:
+def test_same_seed_gives_identical_histories(clients: list[ClientData], spec: DataSpec) -> None:
     config = SimulationConfig(num_rounds=2, join_ratio=0.67, seed=5)
-    first = run_simulation(_fedavg(spec), clients, spec, config, global_test=global_test)
-    second = run_simulation(_fedavg(spec), clients, spec, config, global_test=global_test)
+    first = run_simulation(_fedavg(spec), clients, spec, config)
+    second = run_simulation(_fedavg(spec), clients, spec, config)
     assert _timeless(first.history) == _timeless(second.history)
     assert [len(r["sampled"]) for r in first.history] == [2, 2]
     other = run_simulation(
-        _fedavg(spec), clients, spec, SimulationConfig(num_rounds=2, join_ratio=0.67, seed=6), global_test=global_test
+        _fedavg(spec), clients, spec, SimulationConfig(num_rounds=2, join_ratio=0.67, seed=6)
     )
     assert _timeless(other.history) != _timeless(first.history)
 
@@ -314,7 +314,8 @@ def test_bytes_are_counted_exactly(clients: list[ClientData], spec: DataSpec, ca
         assert record["bytes_up"] == [state_bytes] * 3 and record["bytes_down"] == [state_bytes] * 3
         assert record["bytes_dense_per_client"] == state_bytes
         assert record["bytes_dense_total"] == record["bytes_up_total"] + record["bytes_down_total"]
-    assert result.history[0]["global_test_accuracy"] is None and result.history[0]["personalized_val_accuracy"] is None
+    assert result.history[0]["global_val_accuracy"] is None and result.history[0]["personalized_val_accuracy"] is None
+    assert result.history[1]["global_val_balanced_accuracy"] is not None
     assert result.history[1]["personalized_val_accuracy"] is not None
     assert result.totals()["compression_ratio"] == pytest.approx(1.0)
     assert records == result.history

@@ -128,7 +128,7 @@ def test_summarize_sites_mean_and_worst() -> None:
 
 def test_evaluate_result_reports_global_and_sites(clients: list[ClientData], spec: DataSpec, global_test) -> None:
     algorithm = build_algorithm("fedavg", {"model_options": TINY_STUDENT, "batch_size": 8}, spec)
-    result = run_simulation(algorithm, clients, spec, SimulationConfig(num_rounds=1), global_test=global_test)
+    result = run_simulation(algorithm, clients, spec, SimulationConfig(num_rounds=1))
     report = evaluate_result(result, clients, 3, global_test=global_test, n_bootstrap=20)
     assert report["global"]["n"] == 60 and len(report["sites"]) == 3
     assert [s["client_id"] for s in report["sites"]] == [0, 1, 2]

@@ -13,7 +13,7 @@ from fedmic_pipeline.core.codec import encode_update
 from fedmic_pipeline.core.distillation import DistillConfig, Projections, distillation_losses
 from fedmic_pipeline.core.models import ResNet18, build_model, state_nbytes
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, RoundContext
-from fedmic_pipeline.core.simulation import SimulationConfig, run_simulation
+from fedmic_pipeline.core.simulation import SimulationConfig, evaluate_result, run_simulation
 
 from .conftest import NUM_CLASSES, TINY_STUDENT
 
@@ -28,10 +28,10 @@ def _params(name: str, **extra: object) -> dict:
     return {**base, **extra}
 
 
-def _run(name: str, clients, spec, global_test=None, rounds: int = 2, seed: int = 0, join_ratio: float = 1.0, **extra):
+def _run(name: str, clients, spec, rounds: int = 2, seed: int = 0, join_ratio: float = 1.0, **extra):
     algorithm = build_algorithm(name, _params(name, **extra), spec)
     config = SimulationConfig(num_rounds=rounds, seed=seed, join_ratio=join_ratio, device="cpu")
-    return run_simulation(algorithm, clients, spec, config, global_test=global_test)
+    return run_simulation(algorithm, clients, spec, config)
 
 
 # --- every method learns -----------------------------------------------------------
@@ -39,15 +39,17 @@ def _run(name: str, clients, spec, global_test=None, rounds: int = 2, seed: int 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_beats_chance_in_two_rounds(name: str, clients: list[ClientData], spec: DataSpec, global_test) -> None:
-    result = _run(name, clients, spec, global_test)
+    result = _run(name, clients, spec)
     last = result.history[-1]
     chance = 1.0 / NUM_CLASSES
     assert name in ALGORITHMS and result.algorithm.name == name
     assert last["personalized_val_accuracy"] > chance + 0.2, last
+    final = evaluate_result(result, clients, NUM_CLASSES, global_test, n_bootstrap=0)
     if name == "fedbn":
-        assert result.global_model() is None and last["global_test_accuracy"] is None
+        assert result.last_global_model() is None and last["global_val_accuracy"] is None and final["global"] is None
     else:
-        assert last["global_test_accuracy"] > chance + 0.2, last
+        assert last["global_val_accuracy"] > chance + 0.2, last
+        assert final["global"]["accuracy"] > chance + 0.2, final["global"]
     assert all(b > 0 for b in last["bytes_up"]) and last["bytes_down_total"] > 0
 
 
@@ -82,10 +84,10 @@ def test_fedmic_uploads_fewer_bytes_than_fedavg(clients: list[ClientData], spec:
 def test_fedmic_personalized_model_is_the_teacher(clients: list[ClientData], spec: DataSpec) -> None:
     result = _run("fedmic", clients, spec, rounds=1)
     for cid in result.client_ids:
-        model = result.personalized_model(cid)
+        model = result.last_personalized_model(cid)
         assert model is result.client_states[cid]["teacher"]
         assert isinstance(model, ResNet18) and model.feature_dim == 64  # 8 * base width 8
-        assert model is not result.global_model()
+        assert model is not result.last_global_model()
     proj = result.client_states[0]["projections"]
     assert proj.to_student is not None and proj.to_teacher.weight.shape == (64, TINY_STUDENT["feature_dim"])
     described = result.algorithm.describe()
@@ -130,7 +132,7 @@ def test_fedmic_aggregation_is_sample_weighted(spec: DataSpec) -> None:
 def test_fedmic_downlink_compression_keeps_clients_in_sync(clients: list[ClientData], spec: DataSpec) -> None:
     result = _run("fedmic", clients, spec, rounds=3, downlink_compression=True, error_feedback=True)
     server = result.server_state
-    assert result.global_model() is server["view_model"]
+    assert result.last_global_model() is server["view_model"]
     for cid in result.client_ids:
         state = result.client_states[cid]
         assert state["version"] == server["version"] - 1  # they hold the broadcast before the last
@@ -189,7 +191,7 @@ def test_fedbn_never_uploads_normalization_layers(clients: list[ClientData], spe
     assert set(norms[0]) == bn
     key = next(k for k in bn if k.endswith("running_mean"))
     assert not torch.equal(norms[0][key], norms[1][key])
-    p0, p1 = result.personalized_model(0), result.personalized_model(1)
+    p0, p1 = result.last_personalized_model(0), result.last_personalized_model(1)
     assert torch.equal(p0.state_dict()[key], norms[0][key]) and not torch.equal(p0.state_dict()[key], p1.state_dict()[key])
 
 
@@ -222,7 +224,7 @@ def test_moon_keeps_the_previous_model_and_adds_the_term(clients: list[ClientDat
     assert all(m["contrastive"] == 0.0 for m in first["client_metrics"])  # no previous model yet
     assert all(m["contrastive"] > 0.0 for m in second["client_metrics"])
     prev = result.client_states[0]["previous"]
-    assert prev is not None and set(prev) == set(result.global_model().state_dict())
+    assert prev is not None and set(prev) == set(result.last_global_model().state_dict())
 
 
 def test_ditto_personal_model_stays_local(clients: list[ClientData], spec: DataSpec) -> None:
@@ -230,10 +232,10 @@ def test_ditto_personal_model_stays_local(clients: list[ClientData], spec: DataS
     fedavg = _run("fedavg", clients, spec)
     assert ditto.totals()["bytes_up_total"] == fedavg.totals()["bytes_up_total"]
     # the global task is exactly FedAvg's
-    ga, gd = fedavg.global_model().state_dict(), ditto.global_model().state_dict()
+    ga, gd = fedavg.last_global_model().state_dict(), ditto.last_global_model().state_dict()
     assert all(torch.equal(ga[k], gd[k]) for k in ga)
     personal = ditto.personalized_model(0)
-    assert personal is ditto.client_states[0]["personal"] and personal is not ditto.global_model()
+    assert personal is ditto.client_states[0]["personal"] and personal is not ditto.last_global_model()
     assert not torch.equal(personal.state_dict()["classifier.weight"], gd["classifier.weight"])
 
 

@@ -632,8 +632,8 @@ def training_process(
                 key = f"client_{client:02d}"
                 participation[key] = participation.get(key, 0) + 1
             rounds.append({k: _clean(row.get(k)) for k in (
-                "round", "num_sampled", "train_loss", "train_accuracy", "global_test_accuracy",
-                "personalized_val_accuracy", "bytes_up_total", "bytes_down_total")})  # fmt: skip
+                "round", "num_sampled", "train_loss", "train_accuracy", "global_val_balanced_accuracy",
+                "personalized_val_balanced_accuracy", "bytes_up_total", "bytes_down_total")})  # fmt: skip
     per_round = [r["num_sampled"] for r in rounds if r.get("num_sampled") is not None]
     seeds = {
         "training": simulation.get("seed"),
@@ -1215,6 +1215,15 @@ def verdict(sections: Mapping[str, Mapping[str, Any]], mlflow_view: Mapping[str,
             findings.append({"severity": WARN, "section": "validation_and_test",
                              "message": f"the global model never predicts class '{row['class']}' (recall 0 on the global test set): "
                                         f"balanced accuracy {_f(g.get('balanced_accuracy'))} despite accuracy {_f(g.get('accuracy'))}"})  # fmt: skip
+    if g and g.get("constant_predictor"):
+        findings.append({"severity": FAIL, "section": "validation_and_test",
+                         "message": f"the global model is a constant predictor: {_f(g.get('top_class_share'))} of the global "
+                                    "test set gets one class; it must not be deployed"})  # fmt: skip
+    site_summary = (sections["validation_and_test"].get("per_site") or {}).get("summary") or {}
+    if site_summary.get("num_constant_sites"):
+        findings.append({"severity": WARN, "section": "validation_and_test",
+                         "message": f"{site_summary['num_constant_sites']} of {site_summary.get('num_sites')} personalized "
+                                    "models predict one class for at least 95 % of their local test split"})  # fmt: skip
     if not mlflow_view.get("available"):
         findings.append({"severity": WARN, "section": "general", "message": f"MLflow run unavailable ({mlflow_view.get('error')}): parameters and registry taken from local files"})
     if sections["environment"]["packages_differing_from_lock"]:

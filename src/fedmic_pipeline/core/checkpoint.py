@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "fedmic_pipeline.simulation_checkpoint"
 #: Bumped whenever the layout below changes; older files are refused with a clear error.
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 #: SimulationConfig fields that cannot change any result, left out of the fingerprint.
 RUNTIME_ONLY_KEYS: tuple[str, ...] = ("progress",)
 _MAX_SHOWN = 120  # characters of a value shown in a mismatch message
@@ -252,8 +252,10 @@ def build_checkpoint(
     client_states: Mapping[int, ClientState],
     history: Sequence[Mapping[str, Any]],
     elapsed_s: float,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict after ``rounds_completed`` rounds.
+    """The checkpoint dict after ``rounds_completed`` rounds (``selection``: the
+    ``ValidationSelector``'s state, so a resumed run selects as an uninterrupted one).
 
     It references the run's live objects (models, optimizers): serialise it at once
     (``serialize_checkpoint``) -- the next round changes them in place.
@@ -272,6 +274,7 @@ def build_checkpoint(
         "server_state": server_state,
         "client_states": dict(client_states),
         "history": list(history),
+        "selection": dict(selection or {}),
         "rng": capture_rng_state(),
         "elapsed_s": float(elapsed_s),
         "torch_version": torch.__version__,

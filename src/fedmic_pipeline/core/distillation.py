@@ -135,16 +135,21 @@ def distillation_losses(
     x: torch.Tensor,
     y: torch.Tensor,
     config: DistillConfig,
+    logit_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward both models; return (L_T, L_S, detached 0-d metric tensors); see the module docstring."""
+    """Forward both models; return (L_T, L_S, detached 0-d metric tensors); see the module docstring.
+
+    ``logit_offset`` (logit adjustment, ``training.class_log_prior``) is added to the logits
+    of both cross-entropy terms only: the distillation terms compare the raw decisions.
+    """
     h_t = teacher.features(x)
     z_t = teacher.classifier(h_t)
     h_s = student.features(x)
     z_s = student.classifier(h_s)
     # Under autocast the losses are taken in float32 (MSE/KL of half tensors lose precision).
     h_t, z_t, h_s, z_s = h_t.float(), z_t.float(), h_s.float(), z_s.float()
-    ce_t = F.cross_entropy(z_t, y)
-    ce_s = F.cross_entropy(z_s, y)
+    ce_t = F.cross_entropy(z_t if logit_offset is None else z_t + logit_offset, y)
+    ce_s = F.cross_entropy(z_s if logit_offset is None else z_s + logit_offset, y)
     if config.adaptive_weight:  # a tensor: no host sync per batch on a GPU
         w = (1.0 / (ce_t.detach() + ce_s.detach()).clamp_min(1e-12)).clamp_max(config.max_weight)
     else:
@@ -186,6 +191,7 @@ def dual_distillation_step(
     config: DistillConfig,
     amp: contextlib.AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    logit_offset: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step of both sides; the caller puts the models in train mode.
 
@@ -197,7 +203,7 @@ def dual_distillation_step(
     teacher_optimizer.zero_grad(set_to_none=True)
     student_optimizer.zero_grad(set_to_none=True)
     with amp if amp is not None else contextlib.nullcontext():
-        loss_t, loss_s, metrics = distillation_losses(teacher, student, projections, x, y, config)
+        loss_t, loss_s, metrics = distillation_losses(teacher, student, projections, x, y, config, logit_offset)
     total = loss_t + loss_s
     if scaler is not None:
         scaler.scale(total).backward()
@@ -225,6 +231,7 @@ def train_dual(
     generator: torch.Generator,
     config: DistillConfig,
     ctx: RoundContext,
+    logit_offset: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``epochs`` passes of :func:`dual_distillation_step` over the client's train split.
 
@@ -246,7 +253,7 @@ def train_dual(
         for xb, yb in iterate_batches(data.train_x, data.train_y, batch_size, generator, min_batch=2):
             m = dual_distillation_step(
                 teacher, student, projections, xb, yb, teacher_optimizer, student_optimizer, config,
-                amp=autocast(ctx), scaler=scaler,
+                amp=autocast(ctx), scaler=scaler, logit_offset=logit_offset,
             )  # fmt: skip
             bs = int(yb.shape[0])
             for key, value in m.items():

@@ -21,6 +21,13 @@ Conventions (checked against scikit-learn in tests/core/test_evaluation.py):
   |accuracy - confidence| weighted by the bin's share of samples (Guo et al. 2017).
 * bootstrap: percentile intervals, resampling test samples with replacement from
   ``numpy.random.default_rng(seed)``; NaN resamples are ignored.
+* constant predictor: a model whose most frequent prediction covers at least
+  ``CONSTANT_SHARE`` (95 %) of a set is flagged (``constant_predictor``), whatever its
+  accuracy: on a one-class hospital or an imbalanced test set such a model can look good.
+* majority-class baseline (``majority_class_metrics``): always predict the most frequent
+  class of the *training* labels, with the training prior as probabilities, so its
+  accuracy is that class's share of the test set, its balanced accuracy 1 / K and its AUC
+  0.5: the row every table prints so that a constant model cannot pass for a good one.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CONSTANT_SHARE",
     "SCALAR_METRICS",
     "accuracy",
     "accuracy_of",
@@ -45,6 +53,7 @@ __all__ = [
     "expected_calibration_error",
     "macro_auc",
     "macro_f1",
+    "majority_class_metrics",
     "per_class_recall",
     "predict_proba",
     "summarize_sites",
@@ -54,7 +63,9 @@ SCALAR_METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_auc",
 #: Metrics where a lower value is better (``summarize_sites`` takes their maximum as worst).
 _LOWER_IS_BETTER = ("ece", "loss", "error")
 #: Bookkeeping fields of a metrics dict that ``summarize_sites`` does not summarise.
-_NOT_METRICS = frozenset({"n", "n_bootstrap", "ci_level", "num_train", "round"})
+_NOT_METRICS = frozenset({"n", "n_bootstrap", "ci_level", "num_train", "round", "top_class_share", "device_id"})
+#: A model whose most frequent prediction covers this share of a set is a constant predictor.
+CONSTANT_SHARE = 0.95
 _CHUNK = 250  # bootstrap resamples per vectorised block (bounds memory at 250 x N floats)
 
 
@@ -245,6 +256,9 @@ def compute_metrics(
         out[name] = float(point[name][0])
     out["per_class_recall"] = [float(v) for v in point["per_class_recall"][0]]
     out["confusion_matrix"] = point["confusion_matrix"][0].round().astype(np.int64).tolist()
+    predicted = np.bincount(p.argmax(axis=1), minlength=p.shape[1])
+    out["top_class_share"] = float(predicted.max() / y.size)
+    out["constant_predictor"] = bool(out["top_class_share"] >= CONSTANT_SHARE)
     out["n_bootstrap"] = int(n_bootstrap)
     if n_bootstrap > 0:
         rng = np.random.default_rng(seed)
@@ -264,6 +278,21 @@ def compute_metrics(
         out["per_class_recall_ci"] = [_percentiles(recalls[:, c], q) for c in range(recalls.shape[1])]
         out["ci_level"] = float(ci)
     return out
+
+
+def majority_class_metrics(
+    train_labels: Any, y_true: Any, num_classes: int, n_bootstrap: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """``compute_metrics`` of the majority-class baseline (see the module docstring).
+
+    Every sample gets the training prior as its probabilities (add-one smoothed, so each
+    class has some mass), so the prediction is the training majority and the scores tie.
+    """
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64).reshape(-1), minlength=num_classes).astype(np.float64)
+    prior = (counts + 1.0) / (counts.sum() + num_classes)
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    proba = np.tile(prior, (y.size, 1))
+    return compute_metrics(y, proba, num_classes, n_bootstrap=n_bootstrap, seed=seed)
 
 
 def _percentiles(values: np.ndarray, q: Sequence[float]) -> list[float]:
@@ -350,11 +379,20 @@ def summarize_sites(per_client: Sequence[dict[str, Any]], site_key: str = "clien
         and isinstance(v, (int, float, np.floating, np.integer))
         and not isinstance(v, bool)
     ]
-    out: dict[str, Any] = {"num_sites": len(per_client), "mean": {}, "std": {}, "worst": {}, "worst_site": {}}
+    out: dict[str, Any] = {
+        "num_sites": len(per_client),
+        "num_constant_sites": sum(bool(site.get("constant_predictor", False)) for site in per_client),
+        "sites_covered": {},
+        "mean": {},
+        "std": {},
+        "worst": {},
+        "worst_site": {},
+    }
     for name in names:
         values = np.array([float(site.get(name, math.nan)) for site in per_client])
         ids = [site.get(site_key, i) for i, site in enumerate(per_client)]
         valid = ~np.isnan(values)
+        out["sites_covered"][name] = int(valid.sum())
         if not valid.any():
             out["mean"][name] = out["std"][name] = out["worst"][name] = math.nan
             out["worst_site"][name] = None

@@ -1,7 +1,13 @@
 """The in-process round runner: any ``FederatedAlgorithm`` over a list of ClientData.
 
 One round: sample clients -> each sampled client runs ``client_update`` on the current
-payload -> the server ``aggregate``s the (upload, n_train) pairs -> optional evaluation.
+payload -> the server ``aggregate``s the (upload, n_train) pairs -> optional validation.
+
+The runner never sees a test set. Every evaluated round scores the global model and each
+hospital's personalized model on the hospitals' *validation* splits, and a
+``ValidationSelector`` keeps the best round's weights (``core/selection.py``): the result's
+``global_model()`` and ``personalized_model()`` are those selected models, and
+``last_global_model()`` / ``last_personalized_model()`` the final round's, reported beside.
 The runner measures, never estimates: the bytes down and up of every sampled client are
 ``payload_nbytes`` of the very dicts passed, beside the dense FedAvg size of the same
 shared model (``payload_bytes_dense``).
@@ -46,7 +52,8 @@ from torch import nn
 
 from .checkpoint import build_checkpoint, check_checkpoint, restore_rng_state, run_fingerprint
 from .data import CLIENT_SAMPLING, amp_dtype, move_client, pool_clients, resolve_amp, resolve_device
-from .evaluation import accuracy_of, compute_metrics, predict_proba, summarize_sites
+from .evaluation import compute_metrics, predict_proba, summarize_sites
+from .selection import ValidationSelector, balanced_accuracy_from_counts, validation_counts
 from .protocol import (
     ClientData,
     ClientState,
@@ -89,9 +96,9 @@ class SimulationConfig:
     """How the federation runs (the algorithm's own hyper-parameters live in its config).
 
     join_ratio: the fraction of clients sampled per round, 0 < r <= 1; a round samples
-    max(1, floor(r * K)) clients (McMahan et al.'s C). eval_every: evaluate the global
-    test accuracy and the personalized validation accuracy every that many rounds (and
-    always after the last). amp: 'auto' = autocast on CUDA only. num_threads: if set,
+    max(1, floor(r * K)) clients (McMahan et al.'s C). eval_every: score the global and
+    the personalized models on the validation splits every that many rounds (and always
+    after the last); only scored rounds can be selected. amp: 'auto' = autocast on CUDA only. num_threads: if set,
     ``torch.set_num_threads`` for the run (a process-wide setting, so it is opt-in).
     """
 
@@ -106,6 +113,7 @@ class SimulationConfig:
     progress: str = "none"
     min_train_samples: int = 2
     num_threads: int | None = None
+    min_val_per_class: int = 5
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
@@ -124,6 +132,8 @@ class SimulationConfig:
             raise ConfigurationError(f"progress must be one of {', '.join(_PROGRESS)}, got '{self.progress}'.")
         if self.min_train_samples < 1:
             raise ConfigurationError(f"min_train_samples must be >= 1, got {self.min_train_samples}.")
+        if not isinstance(self.min_val_per_class, int) or self.min_val_per_class < 1:
+            raise ConfigurationError(f"min_val_per_class must be an integer >= 1, got {self.min_val_per_class!r}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigurationError(f"num_threads must be >= 1 or null, got {self.num_threads}.")
         resolve_device(self.device)  # unknown names and missing CUDA fail here, not mid-run
@@ -144,14 +154,26 @@ class SimulationResult:
     pooled: bool
     wall_time_s: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
+    selector: ValidationSelector = field(default_factory=ValidationSelector)
 
-    def global_model(self) -> nn.Module | None:
+    def last_global_model(self) -> nn.Module | None:
+        """The shared model after the last round (None for methods without one)."""
         return self.algorithm.global_model(self.server_state)
 
-    def personalized_model(self, client_id: int) -> nn.Module:
-        """The model hospital ``client_id`` would use (the pooled model for centralized)."""
+    def global_model(self) -> nn.Module | None:
+        """The shared model of the round with the best pooled validation score."""
+        model = self.last_global_model()
+        return None if model is None else ValidationSelector.materialise(model, self.selector.global_best)
+
+    def last_personalized_model(self, client_id: int) -> nn.Module:
+        """The model hospital ``client_id`` holds after the last round (pooled for centralized)."""
         state = self.client_states[next(iter(self.client_states))] if self.pooled else self.client_states[client_id]
         return self.algorithm.personalized_model(state, self.server_state)
+
+    def personalized_model(self, client_id: int) -> nn.Module:
+        """Hospital ``client_id``'s model of its best round on its own validation split."""
+        model = self.last_personalized_model(client_id)
+        return ValidationSelector.materialise(model, self.selector.personal_best.get(client_id))
 
     def series(self, key: str) -> list[Any]:
         """One history column, e.g. ``series('global_test_accuracy')`` for a curve."""
@@ -163,11 +185,18 @@ class SimulationResult:
         down = sum(r["bytes_down_total"] for r in self.history)
         dense = sum(r["bytes_dense_total"] for r in self.history)
         last_global = next(
-            (r["global_test_accuracy"] for r in reversed(self.history) if r["global_test_accuracy"] is not None), None
+            (r["global_val_balanced_accuracy"] for r in reversed(self.history) if r["global_val_balanced_accuracy"] is not None),
+            None,
         )
         last_pers = next(
-            (r["personalized_val_accuracy"] for r in reversed(self.history) if r["personalized_val_accuracy"] is not None), None
+            (
+                r["personalized_val_balanced_accuracy"]
+                for r in reversed(self.history)
+                if r["personalized_val_balanced_accuracy"] is not None
+            ),
+            None,
         )
+        selection = self.selector.summary()
         return {
             "algorithm": self.algorithm.name,
             "rounds": len(self.history),
@@ -176,8 +205,10 @@ class SimulationResult:
             "bytes_total": up + down,
             "bytes_dense_total": dense,
             "compression_ratio": (dense / (up + down)) if up + down > 0 else None,
-            "final_global_test_accuracy": last_global,
-            "final_personalized_val_accuracy": last_pers,
+            "last_global_val_balanced_accuracy": last_global,
+            "last_personalized_val_balanced_accuracy": last_pers,
+            "selected_global_round": selection["global_round"],
+            "selected_global_val_balanced_accuracy": selection["global_val_balanced_accuracy"],
             "wall_time_s": self.wall_time_s,
         }
 
@@ -219,7 +250,6 @@ def validate_setup(
     clients: Sequence[ClientData],
     spec: DataSpec,
     config: SimulationConfig,
-    global_test: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Every check that can fail before training; raises ConfigurationError naming the fix."""
     if not isinstance(algorithm, FederatedAlgorithm):
@@ -250,8 +280,6 @@ def validate_setup(
             raise ConfigurationError(
                 f"client {c.client_id}: train_is_synthetic has {c.train_is_synthetic.shape[0]} rows for {c.num_train} samples."
             )
-    if global_test is not None:
-        _check_tensors(global_test[0], global_test[1], spec, "global test set")
     if config.progress != "none" and importlib.util.find_spec(config.progress) is None:
         raise ConfigurationError(f"progress: '{config.progress}' is not installed; use progress: none.")
 
@@ -298,7 +326,6 @@ def run_simulation(
     clients: Sequence[ClientData],
     spec: DataSpec,
     config: SimulationConfig,
-    global_test: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_round: RoundCallback | None = None,
     *,
     checkpoint_every: int = 0,
@@ -320,19 +347,21 @@ def run_simulation(
     order), ``bytes_dense_per_client`` (FedAvg's size of the shared model, one direction),
     their ``*_total``s (dense total = both directions for every sampled client),
     ``train_loss``/``train_accuracy`` (sample-weighted over the sampled clients),
-    ``client_metrics``, ``global_test_accuracy`` (None when not evaluated or no global
-    model), ``personalized_val_accuracy`` (unweighted mean over hospitals of their
-    personalized model on their validation split) and its ``_per_client`` list,
+    ``client_metrics``, ``lr`` (the round's scheduled rate), ``global_val_accuracy`` and
+    ``global_val_balanced_accuracy`` (the global model on the pooled validation splits;
+    None when not evaluated or no global model), ``personalized_val_accuracy`` and
+    ``personalized_val_balanced_accuracy`` (unweighted means over hospitals of their
+    personalized model on their own validation split) with ``_per_client`` lists,
     ``train_time_s``, ``eval_time_s`` and ``samples_per_s``.
     """
-    validate_setup(algorithm, clients, spec, config, global_test)
+    validate_setup(algorithm, clients, spec, config)
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0:
         raise ConfigurationError(f"checkpoint_every must be an integer >= 0 (0 = never), got {checkpoint_every!r}.")
     if checkpoint_every > 0 and on_checkpoint is None:
         raise ConfigurationError("checkpoint_every > 0 needs an on_checkpoint callback that stores the checkpoints.")
     fingerprint = None
     if checkpoint_every > 0 or resume_from is not None:  # hashing the data: ~0.02 s per 10k 28x28 images
-        fingerprint = run_fingerprint(algorithm, config, spec, clients, global_test, fingerprint_extra)
+        fingerprint = run_fingerprint(algorithm, config, spec, clients, None, fingerprint_extra)
     device = resolve_device(config.device)
     use_amp = resolve_amp(config.amp, device)
     if config.num_threads is not None:
@@ -341,7 +370,6 @@ def run_simulation(
     pooled = bool(getattr(algorithm, "pools_clients", False))
     participants = [pool_clients(originals)] if pooled else originals
     by_id = {c.client_id: c for c in participants}
-    test = None if global_test is None else (global_test[0].to(device), global_test[1].to(device))
     extras = {
         "num_clients": len(originals),
         "total_train_samples": sum(c.num_train for c in participants),
@@ -356,6 +384,7 @@ def run_simulation(
 
     start = time.perf_counter()
     first_round, elapsed_before = 0, 0.0
+    selector = ValidationSelector(config.min_val_per_class)
     if resume_from is None:
         server_state, payload = algorithm.init_server(config.seed)
         states: dict[int, ClientState] = {c.client_id: algorithm.init_client(c.client_id, c, config.seed) for c in participants}
@@ -366,6 +395,7 @@ def run_simulation(
         states, history = dict(resume_from["client_states"]), list(resume_from["history"])
         first_round, elapsed_before = int(resume_from["rounds_completed"]), float(resume_from.get("elapsed_s", 0.0))
         restore_rng_state(resume_from.get("rng", {}))
+        selector.load_state_dict(resume_from.get("selection") or {})
         logger.info("%s: resuming after round %d of %d from a checkpoint", algorithm.name, first_round, config.num_rounds)
     progress = _Progress(config.progress, config.num_rounds - first_round, algorithm.name)
     try:
@@ -378,7 +408,9 @@ def run_simulation(
             record, payload, server_state = _train_round(algorithm, by_id, sampled, states, payload, server_state, ctx)
             if (rnd + 1) % config.eval_every == 0 or rnd == config.num_rounds - 1:
                 pers_state = states[participants[0].client_id] if pooled else None
-                record.update(_evaluate_round(algorithm, server_state, states, originals, test, config, pers_state))
+                record.update(
+                    _validate_round(algorithm, server_state, states, originals, spec, config, pers_state, selector, rnd)
+                )
             history.append(record)
             _log_round(record, config.num_rounds, algorithm.name)
             progress.update(_short(record))
@@ -388,6 +420,7 @@ def run_simulation(
                         fingerprint=fingerprint or {}, rounds_completed=rnd + 1, num_rounds=config.num_rounds,
                         algorithm_name=algorithm.name, payload=payload, server_state=server_state,
                         client_states=states, history=history, elapsed_s=elapsed_before + time.perf_counter() - start,
+                        selection=selector.state_dict(),
                     )  # fmt: skip
                 )
             if on_round is not None:
@@ -405,12 +438,15 @@ def run_simulation(
         pooled=pooled,
         wall_time_s=wall,
         extras={"resumed_after_round": first_round} if resume_from is not None else {},
+        selector=selector,
     )
     totals = result.totals()
     logger.info(
-        "%s done in %.1fs: %.2f MB up, %.2f MB down (dense %.2f MB), final global acc %s",
+        "%s done in %.1fs: %.2f MB up, %.2f MB down (dense %.2f MB); global model of round %s selected on validation "
+        "(balanced accuracy %s, last round %s)",
         algorithm.name, wall, totals["bytes_up_total"] / _MB, totals["bytes_down_total"] / _MB,
-        totals["bytes_dense_total"] / _MB, _fmt(totals["final_global_test_accuracy"]),
+        totals["bytes_dense_total"] / _MB, totals["selected_global_round"] or "-",
+        _fmt(totals["selected_global_val_balanced_accuracy"]), _fmt(totals["last_global_val_balanced_accuracy"]),
     )  # fmt: skip
     return result
 
@@ -453,9 +489,13 @@ def _train_round(
         "train_loss": _weighted_mean([m.get("loss") for m in client_metrics], weights),
         "train_accuracy": _weighted_mean([m.get("accuracy") for m in client_metrics], weights),
         "client_metrics": client_metrics,
-        "global_test_accuracy": None,
+        "lr": algorithm.round_lr(ctx) if hasattr(algorithm, "round_lr") else None,
+        "global_val_accuracy": None,
+        "global_val_balanced_accuracy": None,
         "personalized_val_accuracy": None,
+        "personalized_val_balanced_accuracy": None,
         "personalized_val_accuracy_per_client": None,
+        "personalized_val_balanced_accuracy_per_client": None,
         "train_time_s": train_time,
         "eval_time_s": 0.0,
         "samples_per_s": seen / train_time if train_time > 0 and seen else None,
@@ -463,32 +503,51 @@ def _train_round(
     return record, payload, server_state
 
 
-def _evaluate_round(
+def _validate_round(
     algorithm: FederatedAlgorithm,
     server_state: ServerState,
     states: dict[int, ClientState],
     originals: Sequence[ClientData],
-    test: tuple[torch.Tensor, torch.Tensor] | None,
+    spec: DataSpec,
     config: SimulationConfig,
     pooled_state: ClientState | None,
+    selector: ValidationSelector,
+    round_idx: int,
 ) -> dict[str, Any]:
-    """Global test accuracy and every hospital's personalized validation accuracy."""
+    """The global model on the pooled validation splits and every hospital's personalized
+    model on its own; offers both to the selector (see ``core/selection.py``)."""
     t1 = time.perf_counter()
     out: dict[str, Any] = {}
+    k, batch = spec.num_classes, config.eval_batch_size
     model = algorithm.global_model(server_state)
-    if test is not None and model is not None:
-        out["global_test_accuracy"] = accuracy_of(model, test[0], test[1], config.eval_batch_size)
+    if model is not None:
+        pooled = sum(validation_counts(model, c.val_x, c.val_y, k, batch)[0] for c in originals)
+        total = int(pooled.sum())
+        out["global_val_accuracy"] = float(np.trace(pooled)) / total if total else None
+        out["global_val_balanced_accuracy"] = balanced_accuracy_from_counts(pooled) if total else None
+        if total:
+            selector.offer_global(round_idx, out["global_val_balanced_accuracy"], model)
     if config.evaluate_personalized:
-        per_client = []
+        accuracy, balanced = [], []
         for c in originals:
             state = pooled_state if pooled_state is not None else states[c.client_id]
             pmodel = algorithm.personalized_model(state, server_state)
-            per_client.append(accuracy_of(pmodel, c.val_x, c.val_y, config.eval_batch_size))
-        valid = [a for a in per_client if not math.isnan(a)]
-        out["personalized_val_accuracy_per_client"] = per_client
-        out["personalized_val_accuracy"] = sum(valid) / len(valid) if valid else None
+            counts, nll = validation_counts(pmodel, c.val_x, c.val_y, k, batch)
+            n = int(counts.sum())
+            accuracy.append(float(np.trace(counts)) / n if n else math.nan)
+            balanced.append(balanced_accuracy_from_counts(counts) if n else math.nan)
+            selector.offer_personal(c.client_id, round_idx, counts, nll, pmodel)
+        out["personalized_val_accuracy_per_client"] = accuracy
+        out["personalized_val_balanced_accuracy_per_client"] = balanced
+        out["personalized_val_accuracy"] = _nan_mean(accuracy)
+        out["personalized_val_balanced_accuracy"] = _nan_mean(balanced)
     out["eval_time_s"] = time.perf_counter() - t1
     return out
+
+
+def _nan_mean(values: list[float]) -> float | None:
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else None
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -496,16 +555,18 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _short(record: dict[str, Any]) -> str:
-    loss, acc, test = record["train_loss"], record["train_accuracy"], record["global_test_accuracy"]
-    return f"loss {_fmt(loss, '.4f')} acc {_fmt(acc)} test {_fmt(test)}"
+    loss, acc, val = record["train_loss"], record["train_accuracy"], record["global_val_balanced_accuracy"]
+    return f"loss {_fmt(loss, '.4f')} acc {_fmt(acc)} val bal {_fmt(val)}"
 
 
 def _log_round(record: dict[str, Any], num_rounds: int, name: str) -> None:
     logger.info(
-        "%s round %d/%d | clients %s | loss %s acc %s | up %.3f MB down %.3f MB | global test %s pers val %s | %.2fs",
+        "%s round %d/%d | clients %s | loss %s acc %s | up %.3f MB down %.3f MB | val balanced acc: global %s, "
+        "personalized %s | %.2fs",
         name, record["round"] + 1, num_rounds, record["sampled"], _fmt(record["train_loss"], ".4f"),
         _fmt(record["train_accuracy"]), record["bytes_up_total"] / _MB, record["bytes_down_total"] / _MB,
-        _fmt(record["global_test_accuracy"]), _fmt(record["personalized_val_accuracy"]), record["train_time_s"],
+        _fmt(record["global_val_balanced_accuracy"]), _fmt(record["personalized_val_balanced_accuracy"]),
+        record["train_time_s"],
     )  # fmt: skip
 
 

@@ -12,8 +12,8 @@ _MARKERS = "osD^v<>pP*hX"
 def accuracy_per_round(curves: pd.DataFrame) -> Figure:
     """One panel per lambda: each method's mean (over seeds) accuracy against the round.
 
-    Personalized validation accuracy for every method (solid), global test accuracy where
-    the method has a global model (dashed).
+    Validation balanced accuracy: the personalized models on their own splits for every
+    method (solid), the global model on the pooled splits where the method has one (dashed).
     """
     lambdas = sorted(curves["lambda"].unique())
     figure = Figure(figsize=(5.2 * len(lambdas), 4.2), layout="constrained")
@@ -23,15 +23,15 @@ def accuracy_per_round(curves: pd.DataFrame) -> Figure:
     for ax, lam in zip(axes, lambdas, strict=True):
         sub = curves[curves["lambda"] == lam]
         for method in methods:
-            mean = sub[sub["method"] == method].groupby("round")[["personalized_val_accuracy", "global_test_accuracy"]].mean()
+            mean = sub[sub["method"] == method].groupby("round")[["personalized_val_balanced_accuracy", "global_val_balanced_accuracy"]].mean()
             if mean.empty:
                 continue
-            ax.plot(mean.index, mean["personalized_val_accuracy"], color=colors[method], lw=1.6, label=method)
-            if mean["global_test_accuracy"].notna().any():
-                ax.plot(mean.index, mean["global_test_accuracy"], color=colors[method], lw=1, ls="--", alpha=0.7)
+            ax.plot(mean.index, mean["personalized_val_balanced_accuracy"], color=colors[method], lw=1.6, label=method)
+            if mean["global_val_balanced_accuracy"].notna().any():
+                ax.plot(mean.index, mean["global_val_balanced_accuracy"], color=colors[method], lw=1, ls="--", alpha=0.7)
         ax.set(title=f"Dirichlet λ = {lam}", xlabel="round", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (solid: personalized val, dashed: global test)")
+    axes[0].set_ylabel("validation balanced accuracy (solid: personalized, dashed: global)")
     axes[-1].legend(fontsize=8, loc="lower right", ncol=2)
     return figure
 

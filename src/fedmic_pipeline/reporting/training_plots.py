@@ -12,18 +12,20 @@ from matplotlib.figure import Figure
 
 
 def training_curves(history: pd.DataFrame, algorithm: str) -> Figure:
-    """Accuracy per round (global test, personalized validation) and MB moved per round."""
+    """Validation balanced accuracy per round (global on the pooled validation splits,
+    personalized on each hospital's own) and MB moved per round. No test set is scored per
+    round: the test sets are touched only by the final evaluation."""
     figure = Figure(figsize=(11, 3.8), layout="constrained")
     left, right = figure.subplots(1, 2)
     rounds = history["round"].to_numpy()
     for column, label in (
-        ("global_test_accuracy", "global model, global test"),
-        ("personalized_val_accuracy", "personalized models, local val (mean)"),
-        ("train_accuracy", "local training batches"),
+        ("global_val_balanced_accuracy", "global model, pooled validation"),
+        ("personalized_val_balanced_accuracy", "personalized models, own validation (mean)"),
+        ("train_accuracy", "local training batches (accuracy)"),
     ):
         if column in history and history[column].notna().any():
             left.plot(rounds, history[column].astype(float), marker="o", ms=3, label=label)
-    left.set(xlabel="round", ylabel="accuracy", title=f"{algorithm}: accuracy per round", ylim=(0, 1.02))
+    left.set(xlabel="round", ylabel="balanced accuracy", title=f"{algorithm}: validation per round", ylim=(0, 1.02))
     left.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower right")
     width = 0.4

@@ -145,11 +145,19 @@ def log_training_run(
     registered = None
     if "global" in models:
         registered = register_global_model(models["global"], registered_model_name(str(dataset_info["flag"]), str(summary["algorithm"])))
-    personalized = {key: record for key, record in models.items() if key != "global"}
+    personalized = {key: record for key, record in models.items() if key.startswith("client_")}
     if personalized:
         log_model_records(personalized, "personalized_models")
+    if "global_last" in models:  # the registered model is the round selected on validation; the last one beside it
+        log_model_records({"global_last": models["global_last"]}, "last_round_model")
+    if summary.get("selection"):
+        selection = summary["selection"]
+        mlflow.set_tags({"selection.global_round": str(selection.get("global_round")), "selection.rule": SELECTION_RULE})
     logger.info("MLflow run %s: %d metric points, model %s", run_id, n_metrics, registered and registered["registered_model"])
     return {"mlflow_run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(), "registered": registered, "tags": tags}
+
+
+SELECTION_RULE = "best pooled validation balanced accuracy (global); own validation split per hospital (personalized)"
 
 
 def log_evaluation(

@@ -337,6 +337,13 @@ def promote_from_tracking(
         fallback_value = float(fallback) if fallback is not None else None
     except (TypeError, ValueError):
         fallback_value = None
+    if evaluation_metrics.get("global.constant_predictor"):
+        share = evaluation_metrics.get("global.top_class_share")
+        return skipped_decision(
+            "the candidate is a constant predictor (it gives one class to at least 95 % of the global test set): a model "
+            "that has learned nothing is never promoted, whatever its score; aliases unchanged",
+            rule, decision=NOT_PROMOTED, run_id=run_id, version=str(registered["version"]), top_class_share=share,
+        )  # fmt: skip
     try:
         return decide_and_apply(client, registered["registered_model"], registered["version"], rule, fallback_value)
     except MlflowException as error:

@@ -41,7 +41,19 @@ from torch import nn
 from ..data import round_generator
 from ..models import MODEL_NAMES, build_model
 from ..protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm, RoundContext
-from ..training import OPTIMIZERS, BeforeStep, ExtraLoss, TrainStats, make_optimizer, train_local
+from ..training import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    BeforeStep,
+    ExtraLoss,
+    TrainStats,
+    class_log_prior,
+    make_optimizer,
+    round_lr,
+    recalibrate_batchnorm,
+    set_lr,
+    train_local,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -56,6 +68,8 @@ __all__ = [
 ALGORITHMS: dict[str, type[FederatedAlgorithm]] = {}
 
 A = TypeVar("A", bound=type)
+#: Training losses: plain cross-entropy, or cross-entropy on prior-adjusted logits.
+LOSSES: tuple[str, ...] = ("ce", "logit_adjusted")
 
 
 def require(condition: bool, message: str) -> None:
@@ -100,6 +114,14 @@ class AlgorithmConfig:
     batch 32, one local epoch per round. For FedAvg-family methods the optimizer (and its
     momentum buffer) is created afresh in every round, as in McMahan et al.: optimizer
     state never travels and would be stale after aggregation.
+
+    The learning recipe (``conf/base/parameters_federated_training.yml`` says what was
+    measured for each choice): ``lr_schedule`` 'cosine' decays the rate over rounds to
+    ``lr_final_fraction`` of ``lr`` (``training.round_lr``); ``loss`` 'logit_adjusted'
+    trains on logits shifted by ``logit_adjust_tau`` times the client's log label prior
+    (``training.class_log_prior``), 'ce' is plain cross-entropy; ``bn_recalibrate``
+    recomputes BatchNorm statistics on the local training images after each local update
+    (``training.recalibrate_batchnorm``), so eval mode matches the trained weights.
     """
 
     model: str = "student_cnn"
@@ -110,6 +132,11 @@ class AlgorithmConfig:
     weight_decay: float = 0.0
     local_epochs: int = 1
     batch_size: int = 32
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.1
+    loss: str = "ce"
+    logit_adjust_tau: float = 1.0
+    bn_recalibrate: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -129,6 +156,16 @@ class AlgorithmConfig:
         require(self.weight_decay >= 0.0, f"weight_decay must be >= 0, got {self.weight_decay}.")
         require(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}.")
         require(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}.")
+        require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'.",
+        )
+        require(
+            0.0 < self.lr_final_fraction <= 1.0,
+            f"lr_final_fraction must be in (0, 1] (the last round's lr as a share of lr), got {self.lr_final_fraction}.",
+        )
+        require(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
+        require(self.logit_adjust_tau >= 0.0, f"logit_adjust_tau must be >= 0, got {self.logit_adjust_tau}.")
 
     def to_params(self) -> dict[str, Any]:
         """Flat, JSON/MLflow-friendly view (model options as ``model_options.<key>``)."""
@@ -220,6 +257,17 @@ class BaseAlgorithm(FederatedAlgorithm):
         c = self.config
         return make_optimizer(params, c.optimizer, c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
+    def round_lr(self, ctx: RoundContext, base_lr: float | None = None) -> float:
+        """This round's learning rate under the config's schedule (``base_lr`` default: lr)."""
+        c = self.config
+        return round_lr(c.lr if base_lr is None else base_lr, c.lr_schedule, ctx.round, ctx.num_rounds, c.lr_final_fraction)
+
+    def logit_offset(self, data: ClientData) -> torch.Tensor | None:
+        """The client's logit-adjustment offset, or None under plain cross-entropy."""
+        if self.config.loss != "logit_adjusted":
+            return None
+        return class_log_prior(data.train_y, self.spec.num_classes, self.config.logit_adjust_tau)
+
     @staticmethod
     def client_generator(ctx: RoundContext, client_id: int) -> torch.Generator:
         """The batch-order generator of ``client_id`` in this round (seed, round, client)."""
@@ -235,19 +283,30 @@ class BaseAlgorithm(FederatedAlgorithm):
         before_step: BeforeStep | None = None,
     ) -> TrainStats:
         """``train_local`` with the config's epochs/batch size, a fresh optimizer unless one
-        is given, and this client's seeded generator for the round."""
+        is given (either way at this round's scheduled rate), the config's loss and this
+        client's seeded generator for the round."""
         c = self.config
-        return train_local(
+        optimizer = optimizer if optimizer is not None else self.make_optimizer(model.parameters())
+        set_lr(optimizer, self.round_lr(ctx))
+        stats = train_local(
             model,
             data,
             epochs=c.local_epochs,
             batch_size=c.batch_size,
-            optimizer=optimizer if optimizer is not None else self.make_optimizer(model.parameters()),
+            optimizer=optimizer,
             generator=self.client_generator(ctx, data.client_id),
             ctx=ctx,
             extra_loss=extra_loss,
             before_step=before_step,
+            logit_offset=self.logit_offset(data),
         )
+        self.recalibrate(model, data)
+        return stats
+
+    def recalibrate(self, model: nn.Module, data: ClientData) -> None:
+        """``recalibrate_batchnorm`` on the client's training images, when configured."""
+        if self.config.bn_recalibrate:
+            recalibrate_batchnorm(model, data.train_x, batch_size=max(self.config.batch_size, 256))
 
     def describe(self) -> dict[str, Any]:
         """The algorithm name and its resolved parameters (for MLflow/DVC params)."""

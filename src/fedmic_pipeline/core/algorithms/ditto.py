@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data import round_generator
 from ..protocol import ClientData, ClientState, Metrics, Payload, RoundContext, ServerState
-from ..training import parameter_keys, payload_to_state, state_to_payload, train_local
+from ..training import parameter_keys, payload_to_state, set_lr, state_to_payload, train_local
 from .base import AlgorithmConfig, register, require
 from .fedavg import FedAvg
 
@@ -83,6 +83,7 @@ class Ditto(FedAvg):
             params = [p for p in m.parameters() if p.requires_grad]  # parameter_keys' order
             return 0.5 * lam * torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchors)]).sum()
 
+        set_lr(state["optimizer"], self.round_lr(ctx))
         p_stats = train_local(
             personal,
             data,
@@ -92,7 +93,9 @@ class Ditto(FedAvg):
             generator=round_generator(ctx.seed, ctx.round, data.client_id, _PERSONAL_BATCHES),
             ctx=ctx,
             extra_loss=proximal if lam > 0 else None,
+            logit_offset=self.logit_offset(data),
         )
+        self.recalibrate(personal, data)
         metrics = stats.as_metrics()
         metrics.update(p_stats.as_metrics(prefix="personal_"))
         metrics["num_samples"] = float(stats.num_samples)  # the global task's samples

@@ -56,7 +56,15 @@ from ..data import derive_seed, make_generator
 from ..distillation import DistillConfig, ProjectionMode, Projections, train_dual
 from ..models import MODEL_NAMES, build_model
 from ..protocol import ClientData, ClientState, ConfigurationError, DataSpec, Metrics, Payload, RoundContext, ServerState
-from ..training import apply_delta, make_optimizer, model_delta, payload_to_state, state_to_payload, weighted_average
+from ..training import (
+    apply_delta,
+    make_optimizer,
+    model_delta,
+    payload_to_state,
+    set_lr,
+    state_to_payload,
+    weighted_average,
+)
 from .base import AlgorithmConfig, BaseAlgorithm, register, require
 
 __all__ = ["META_BASE_VERSION", "META_VERSION", "FedMIC", "FedMICConfig"]
@@ -278,11 +286,15 @@ class FedMIC(BaseAlgorithm):
         payload_to_state(student, global_state)
         projections: Projections = state["projections"]
         student_opt = self.make_optimizer(list(student.parameters()) + projections.student_side_parameters())
+        set_lr(student_opt, self.round_lr(ctx))
+        set_lr(state["teacher_optimizer"], self.round_lr(ctx, c.teacher_lr if c.teacher_lr is not None else c.lr))
         metrics = train_dual(
             state["teacher"], student, projections, data, c.local_epochs, c.batch_size,
             state["teacher_optimizer"], student_opt, self.client_generator(ctx, data.client_id),
-            c.distill_config(), ctx,
+            c.distill_config(), ctx, logit_offset=self.logit_offset(data),
         )  # fmt: skip
+        self.recalibrate(state["teacher"], data)
+        self.recalibrate(student, data)
         keys = self.shared_keys()
         delta = model_delta(state_to_payload(student, keys), global_state, keys)
         ef: ErrorFeedback | None = state.get("error_feedback")

@@ -9,9 +9,14 @@ training. With an active MLflow run each method x lambda x seed becomes a nested
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,22 +25,30 @@ from matplotlib.figure import Figure
 
 from fedmic_pipeline import experiment
 from fedmic_pipeline.pipelines.data_partition.nodes import build_partition_plan, materialise_partition
-from fedmic_pipeline.reporting import comparison_plots
+from fedmic_pipeline.reporting import comparison_plots, findings
 
 logger = logging.getLogger(__name__)
 
-#: Columns of the comparison table: (metric column, heading).
+#: Columns of the comparison table: (metric column, heading). Balanced accuracy and macro AUC
+#: lead: on one-class hospitals and an imbalanced test set accuracy rewards a constant model.
 TABLE_COLUMNS = (
-    ("personalized.mean.accuracy", "personalized acc"),
-    ("personalized.worst.accuracy", "worst-site acc"),
-    ("personalized.mean.macro_auc", "personalized AUC"),
-    ("global.accuracy", "global acc"),
+    ("global.balanced_accuracy", "global bal. acc"),
     ("global.macro_auc", "global AUC"),
-    ("unseen_device.global.accuracy", "unseen-device acc"),
-    ("communication.mb_up_per_client_per_round", "MB up / client / round"),
+    ("global.accuracy", "global acc"),
+    ("global_last.balanced_accuracy", "global bal. acc (last round)"),
+    ("global.pooled_local_test.accuracy", "pooled local-test acc"),
+    ("unseen_device.global.balanced_accuracy", "unseen-device bal. acc"),
+    ("personalized.mean.balanced_accuracy", "personalized bal. acc"),
+    ("personalized.mean.macro_auc", "personalized AUC"),
+    ("personalized.mean.accuracy", "personalized acc"),
+    ("personalized.worst.balanced_accuracy", "worst-site bal. acc"),
     ("communication.mb_up_total", "MB up total"),
     ("wall_time_s", "wall time (s)"),
 )
+#: Headings of the constant-predictor counts (seeds with a constant global model; constant sites per seed).
+CONSTANT_GLOBAL, CONSTANT_SITES = "constant global (seeds)", "constant sites / seed"
+#: Bumped when what a cached run means changes (metrics, selection), so old caches are not reused.
+CACHE_VERSION = 2
 
 
 def as_list(value: Any) -> list[Any]:
@@ -48,6 +61,33 @@ def as_list(value: Any) -> list[Any]:
     return list(value)
 
 
+def _cache_key(**parts: Any) -> str:
+    text = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _read_cache(path: Path | None) -> tuple[dict[str, Any], pd.DataFrame] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+        return cached["row"], pd.DataFrame(cached["curves"])
+    except (ValueError, KeyError) as exc:  # a damaged entry is recomputed, never trusted
+        logger.warning("Ignoring the unreadable comparison cache entry %s (%s); the run is repeated.", path, exc)
+        return None
+
+
+def _write_cache(path: Path | None, row: dict[str, Any], curves: pd.DataFrame) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"row": row, "curves": json.loads(curves.to_json(orient="records"))}, default=str)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)  # a run killed mid-write leaves no valid-looking entry
+
+
 def run_comparison(
     validated_dataset: Mapping[str, np.ndarray],
     dataset_info: dict[str, Any],
@@ -58,44 +98,81 @@ def run_comparison(
     evaluation: dict[str, Any],
     compare: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run every method x lambda x seed; return one row per run and the per-round curves."""
+    """Run every method x lambda x join ratio x seed; return one row per run and the curves.
+
+    Each finished run is cached under ``compare.cache_dir`` (keyed by everything that
+    determines it), so an interrupted grid continues where it stopped and a grown grid
+    runs only its new cells.
+    """
     methods = [str(m) for m in as_list(compare["methods"])]
     lambdas = [float(v) for v in as_list(compare["lambdas"])]
     seeds = [int(v) for v in as_list(compare["seeds"])]
+    run_training = {**training, **compare.get("training_overrides", {})}
+    join_ratios = [float(v) for v in as_list(compare.get("join_ratios") or [run_training.get("join_ratio", 1.0)])]
     for method in methods:  # fail on a typo before hours of training
         experiment.make_algorithm(method, algorithm_params, experiment.data_spec(dataset_info))
-    grid = [(lam, seed) for lam in lambdas for seed in seeds]
+    cache_dir = Path(compare["cache_dir"]) if compare.get("cache_dir") else None
+    grid = [(lam, join, seed) for lam in lambdas for join in join_ratios for seed in seeds]
     total, done = len(grid) * len(methods), 0
-    run_training = {**training, **compare.get("training_overrides", {})}
     run_evaluation = {**evaluation, "n_bootstrap": int(compare.get("n_bootstrap", evaluation["n_bootstrap"]))}
+    dataset = str(dataset_info.get("flag"))
     rows, curves = [], []
-    for lam, seed in grid:
+    started_grid = time.perf_counter()
+    partition_cache: dict[tuple[float, int], tuple[Any, Any, Any]] = {}
+    for lam, join, seed in grid:
         part_params = {**partition, "dirichlet_lambda": float(lam), "seed": int(seed)}
         device_params = {**devices, "seed": int(seed)}
-        plan = build_partition_plan(validated_dataset, dataset_info, part_params, device_params)
-        client_arrays, global_test_set, manifest, _ = materialise_partition(
-            validated_dataset, dataset_info, plan, part_params, device_params, True
-        )
         for method in methods:
             done += 1
-            started = time.perf_counter()
-            report, summary, result = experiment.run_and_evaluate(
-                method, algorithm_params, dataset_info, client_arrays, global_test_set, manifest.get("held_out_device"),
-                {**run_training, "seed": int(seed)}, run_evaluation,
+            settings = {**run_training, "seed": int(seed), "join_ratio": float(join)}
+            key = _cache_key(
+                method=method, dataset_md5=dataset_info.get("md5"), partition=part_params, devices=device_params,
+                training={k: v for k, v in settings.items() if k not in ("progress", "num_threads", "device")},
+                algorithm=experiment.algorithm_params_for(method, algorithm_params), evaluation=run_evaluation,
             )  # fmt: skip
-            row = {"method": method, "lambda": float(lam), "seed": int(seed), **experiment.headline_metrics(report, summary)}
-            row.pop("algorithm", None)
+            path = None if cache_dir is None else cache_dir / f"{method}-{dataset}-l{lam}-j{join}-s{seed}-{key}.json"
+            cached = _read_cache(path)
+            if cached is not None:
+                row, history = cached
+                logger.info("compare %d/%d: %s lambda=%s join=%s seed=%s from the cache", done, total, method, lam, join, seed)
+            else:
+                if (lam, seed) not in partition_cache:
+                    plan = build_partition_plan(validated_dataset, dataset_info, part_params, device_params)
+                    client_arrays, global_test_set, manifest, _ = materialise_partition(
+                        validated_dataset, dataset_info, plan, part_params, device_params, True
+                    )
+                    partition_cache.clear()
+                    partition_cache[(lam, seed)] = (client_arrays, global_test_set, manifest)
+                client_arrays, global_test_set, manifest = partition_cache[(lam, seed)]
+                started = time.perf_counter()
+                report, summary, result = experiment.run_and_evaluate(
+                    method, algorithm_params, dataset_info, client_arrays, global_test_set,
+                    manifest.get("held_out_device"), settings, run_evaluation,
+                )  # fmt: skip
+                row = {
+                    "dataset": dataset, "method": method, "lambda": float(lam), "join_ratio": float(join), "seed": int(seed),
+                    **experiment.headline_metrics(report, summary),
+                }  # fmt: skip
+                row.pop("algorithm", None)
+                history = experiment.history_table(result.history).assign(
+                    dataset=dataset, method=method, **{"lambda": float(lam)}, join_ratio=float(join), seed=int(seed)
+                )
+                _log_nested_run(row, history, summary)
+                _write_cache(path, row, history)
+                elapsed = time.perf_counter() - started_grid
+                logger.info(
+                    "compare %d/%d: %s lambda=%s join=%s seed=%s | global bal. acc %s | personalized bal. acc %s | "
+                    "%.0fs (grid %.0f min so far)",
+                    done, total, method, lam, join, seed, _fmt(row["global.balanced_accuracy"]),
+                    _fmt(row["personalized.mean.balanced_accuracy"]), time.perf_counter() - started, elapsed / 60,
+                )  # fmt: skip
             rows.append(row)
-            history = experiment.history_table(result.history).assign(method=method, **{"lambda": float(lam)}, seed=int(seed))
             curves.append(history)
-            _log_nested_run(row, history, summary)
-            logger.info(
-                "compare %d/%d: %s lambda=%s seed=%s | personalized acc %.3f | global acc %s | %.3f MB up/client/round | %.0fs",
-                done, total, method, lam, seed, row["personalized.mean.accuracy"] or float("nan"),
-                "-" if row["global.accuracy"] is None else f"{row['global.accuracy']:.3f}",
-                row["communication.mb_up_per_client_per_round"], time.perf_counter() - started,
-            )  # fmt: skip
     return pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
 def _log_nested_run(row: dict[str, Any], history: pd.DataFrame, summary: dict[str, Any]) -> None:
@@ -106,13 +183,13 @@ def _log_nested_run(row: dict[str, Any], history: pd.DataFrame, summary: dict[st
         return
     from fedmic_pipeline.tracking.mlflow_logging import log_metric_history
 
-    name = f"{row['method']}-lambda{row['lambda']}-seed{row['seed']}"
+    name = f"{row['method']}-lambda{row['lambda']}-join{row['join_ratio']}-seed{row['seed']}"
     with mlflow.start_run(run_name=name, nested=True) as run:
         mlflow.set_tags({"compare.method": row["method"], "compare.lambda": str(row["lambda"]), "compare.seed": str(row["seed"])})
-        mlflow.log_params({"method": row["method"], "lambda": row["lambda"], "seed": row["seed"]})
+        mlflow.log_params({"method": row["method"], "lambda": row["lambda"], "join_ratio": row["join_ratio"], "seed": row["seed"]})
         mlflow.log_params({f"resolved.{k}": str(v)[:500] for k, v in summary.get("algorithm_config", {}).items()})
-        log_metric_history(run.info.run_id, history[[c for c in history.columns if c not in ("method", "lambda", "seed", "sampled")]])
-        mlflow.log_metrics({f"final.{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None and np.isfinite(v) and k not in ("lambda", "seed")})
+        log_metric_history(run.info.run_id, history[[c for c in history.columns if c not in ("dataset", "method", "lambda", "join_ratio", "seed", "sampled")]])
+        mlflow.log_metrics({f"final.{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None and np.isfinite(v) and k not in ("lambda", "seed", "join_ratio")})
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -124,37 +201,78 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
+def _scenario_keys(runs: pd.DataFrame) -> list[str]:
+    return [c for c in ("dataset", "lambda", "join_ratio") if c in runs.columns]
+
+
 def comparison_table(comparison_runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Mean ± std over seeds per method and lambda, as CSV rows and a markdown table."""
+    """Mean ± std over seeds per scenario and method, a majority-class row per scenario,
+    and constant-predictor counts; as CSV rows and a markdown table."""
     records = []
     order = list(dict.fromkeys(comparison_runs["method"]))
-    for (lam, method), group in sorted(
-        comparison_runs.groupby(["lambda", "method"]), key=lambda item: (item[0][0], order.index(item[0][1]))
-    ):
-        record = {"lambda": lam, "method": method, "seeds": len(group)}
-        for column, heading in TABLE_COLUMNS:
-            if column in group:
-                record[f"{column}.mean"] = group[column].astype(float).mean()
-                record[f"{column}.std"] = group[column].astype(float).std(ddof=1) if len(group) > 1 else 0.0
-                record[heading] = _mean_std(group[column])
-        records.append(record)
+    keys = _scenario_keys(comparison_runs)
+    for scenario, runs in comparison_runs.groupby(keys, sort=True):
+        scenario = dict(zip(keys, scenario if isinstance(scenario, tuple) else (scenario,), strict=True))
+        first = runs[runs["method"] == runs["method"].iloc[0]]
+        majority = {"method": "majority class", "seeds": len(first)}
+        for column, prefix in (
+            ("global.balanced_accuracy", "majority_class.global.balanced_accuracy"),
+            ("global.macro_auc", "majority_class.global.macro_auc"),
+            ("global.accuracy", "majority_class.global.accuracy"),
+            ("personalized.mean.balanced_accuracy", "majority_class.personalized.mean.balanced_accuracy"),
+            ("personalized.mean.macro_auc", "majority_class.personalized.mean.macro_auc"),
+            ("personalized.mean.accuracy", "majority_class.personalized.mean.accuracy"),
+        ):
+            if prefix in first:
+                heading = dict(TABLE_COLUMNS)[column]
+                majority[f"{column}.mean"] = first[prefix].astype(float).mean()
+                majority[heading] = _mean_std(first[prefix])
+        records.append({**scenario, **majority})
+        for method in sorted(runs["method"].unique(), key=order.index):
+            group = runs[runs["method"] == method]
+            record = {**scenario, "method": method, "seeds": len(group)}
+            for column, heading in TABLE_COLUMNS:
+                if column in group:
+                    record[f"{column}.mean"] = group[column].astype(float).mean()
+                    record[f"{column}.std"] = group[column].astype(float).std(ddof=1) if len(group) > 1 else 0.0
+                    record[heading] = _mean_std(group[column])
+            if "global.constant_predictor" in group:
+                flags = group["global.constant_predictor"].dropna().astype(float)
+                record[CONSTANT_GLOBAL] = f"{int(flags.sum())}/{len(group)}" if len(flags) else "n/a"
+            if "personalized.num_constant_sites" in group:
+                sites = group["personalized.num_constant_sites"].astype(float)
+                total = group["personalized.num_sites"].astype(float).mean() if "personalized.num_sites" in group else np.nan
+                record[CONSTANT_SITES] = f"{sites.mean():.1f} of {total:.0f}"
+            records.append(record)
     table = pd.DataFrame(records)
-    headings = ["lambda", "method", "seeds", *[h for c, h in TABLE_COLUMNS if h in table]]
+    wanted = [*keys, "method", "seeds", *[h for _, h in TABLE_COLUMNS], CONSTANT_GLOBAL, CONSTANT_SITES]
+    headings = [h for h in wanted if h in table]
     markdown = "\n".join(
         [
             "# Method comparison (mean ± std over seeds)",
             "",
-            "personalized acc: each hospital's own model on its local test split, mean over hospitals; "
-            "worst-site: the lowest hospital; global acc/AUC: the shared model on the official test set "
-            "(n/a for methods without one); unseen-device acc: the global model on the test set as the "
-            "held-out imaging device renders it; MB up: exact bytes uploaded per participating client per round.",
+            "Models are selected on validation data (global: the round with the best pooled validation "
+            "balanced accuracy; personalized: each hospital's best round on its own validation split); the "
+            "test sets are touched only for these numbers. global: the shared model on the official test "
+            "set (n/a for methods without one), `last round` beside it; pooled local-test acc: the global "
+            "model on all hospitals' local test splits together (PFLlib's metric); personalized: each "
+            "hospital's own model on its local test split, mean over hospitals; worst-site: the lowest "
+            "hospital; unseen-device: the global model on the test set as the held-out imaging device "
+            "renders it. `majority class` always predicts the training majority: a method at or near "
+            "that row has learned nothing. constant: the model gives one class to >= 95 % of a test set.",
             "",
-            table[headings].to_markdown(index=False),
+            table[headings].fillna("").to_markdown(index=False),
             "",
         ]
     )
-    numeric = table[["lambda", "method", "seeds", *[c for c in table.columns if c.endswith((".mean", ".std"))]]]
+    numeric = table[[*keys, "method", "seeds", *[c for c in table.columns if c.endswith((".mean", ".std"))]]]
     return numeric, markdown
+
+
+def comparison_findings(comparison_runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """FedMIC against every baseline, paired by seed (``reporting.findings``)."""
+    differences = findings.paired_differences(comparison_runs, reference="fedmic")
+    return differences, findings.findings_markdown(differences, reference="fedmic")
 
 
 def plot_accuracy_per_round(comparison_curves: pd.DataFrame) -> Figure:

@@ -43,8 +43,10 @@ def evaluate_federation(
 ) -> dict[str, Any]:
     """The full evaluation report (JSON): global, per device, per site, summaries."""
     models = {key: model_from_record(_load(record)) for key, record in trained_models.items()}
+    last_global = models.pop("global_last", None)
     report = experiment.evaluate_models(
         global_model=models.pop("global", None),
+        last_global_model=last_global,
         personalized={experiment.client_id_of(key): model for key, model in models.items()},
         clients=experiment.build_clients(client_partitions),
         global_test_set=global_test_set,
@@ -59,12 +61,20 @@ def evaluate_federation(
 def _log_summary(report: dict[str, Any]) -> None:
     if report["global"] is not None:
         g = report["global"]
-        logger.info("global model: accuracy %.3f [%.3f, %.3f], AUC %.3f", g["accuracy"], *g["ci"]["accuracy"], g["macro_auc"])
+        logger.info(
+            "global model (selected on validation): balanced accuracy %.3f [%.3f, %.3f], AUC %.3f, accuracy %.3f%s",
+            g["balanced_accuracy"], *g["ci"]["balanced_accuracy"], g["macro_auc"], g["accuracy"],
+            "  CONSTANT PREDICTOR" if g["constant_predictor"] else "",
+        )  # fmt: skip
+        if report.get("majority_class"):
+            m = report["majority_class"]
+            logger.info("majority-class baseline: balanced accuracy %.3f, accuracy %.3f", m["balanced_accuracy"], m["accuracy"])
     if report["site_summary"]:
         s = report["site_summary"]
         logger.info(
-            "personalized: mean accuracy %.3f, worst %.3f (site %s)",
-            s["mean"]["accuracy"], s["worst"]["accuracy"], s["worst_site"]["accuracy"],
+            "personalized (%d sites): mean balanced accuracy %.3f, worst %.3f (site %s); %d constant predictor(s)",
+            s["num_sites"], s["mean"]["balanced_accuracy"], s["worst"]["balanced_accuracy"],
+            s["worst_site"]["balanced_accuracy"], s["num_constant_sites"],
         )  # fmt: skip
 
 

@@ -37,7 +37,6 @@ Arrays = Mapping[str, np.ndarray]
 
 def train_federated(
     client_partitions: Mapping[str, Callable[[], Arrays]],
-    global_test_set: Arrays,
     dataset_info: dict[str, Any],
     training: dict[str, Any],
     algorithm_params: dict[str, Any],
@@ -45,6 +44,8 @@ def train_federated(
 ) -> tuple[dict[str, dict[str, Any]], pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Run `training.algorithm` over the hospitals; return models, curves, bytes, summary.
 
+    Training never reads a test set: rounds are scored on the hospitals' validation splits
+    and `trained_models["global"]` is the round selected there (`global_last` beside it).
     Everything that can be wrong in the configuration is checked while the algorithm and
     runner are built, before the first round. `training.extra_training_data` adds each
     hospital's synthetic set (or as many augmented real samples) to its training split.
@@ -60,7 +61,7 @@ def train_federated(
     extra = experiment.extra_training_sets(mode, client_partitions, synthetic_client_sets, int(training["seed"]))
     clients = experiment.build_clients(client_partitions, extra)
     result = run_simulation(
-        algorithm, clients, spec, config, global_test=experiment.global_test_tensors(global_test_set),
+        algorithm, clients, spec, config,
         checkpoint_every=every if path is not None else 0,
         on_checkpoint=(lambda checkpoint: _write_atomically(path, serialize_checkpoint(checkpoint))) if path else None,
         resume_from=resume_from,
@@ -74,7 +75,8 @@ def train_federated(
     models: dict[str, dict[str, Any]] = {}
     global_model = result.global_model()
     if global_model is not None:
-        models["global"] = model_record(global_model)
+        models["global"] = model_record(global_model)  # the round selected on validation
+        models["global_last"] = model_record(result.last_global_model())
     for client in clients:
         models[f"client_{client.client_id:02d}"] = model_record(result.personalized_model(client.client_id))
 

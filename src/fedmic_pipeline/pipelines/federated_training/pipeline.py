@@ -12,7 +12,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 nodes.train_federated,
                 inputs=[
                     "client_partitions",
-                    "global_test_set",
                     "dataset_info",
                     "params:training",
                     "params:algorithm_params",
