@@ -75,6 +75,7 @@ def test_fedmic_uploads_less_than_fedavg_and_keeps_teachers_personal(small_feder
         ({"join_ratio": 0.0}, {}, "join_ratio must be in \\(0, 1\\]"),
         ({"algorithm": "fedmic"}, {"energy_end": 1.5}, "energy"),
         ({"algorithm": "fedmic"}, {"energy_start": 0.0}, "energy"),
+        ({"num_round": 1}, {}, r"Unknown key\(s\) \['num_round'\] in the `training` block.*num_rounds"),
     ],
 )
 def test_bad_configuration_fails_before_training(small_federation, overrides, algorithm_overrides, message):

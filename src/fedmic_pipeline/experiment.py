@@ -167,8 +167,23 @@ def make_algorithm(name: str, algorithm_params: Mapping[str, Any], spec: DataSpe
     return build_algorithm(name, algorithm_params_for(name, algorithm_params), spec)
 
 
+#: Keys of `params:training` read outside the runner (by the training node and its callers).
+TRAINING_ONLY_KEYS = ("algorithm", "extra_training_data", "checkpoint_dir", "checkpoint_every", "resume")
+
+
 def simulation_config(training: Mapping[str, Any]) -> SimulationConfig:
-    """The runner's settings from `params:training` (other keys belong to other stages)."""
+    """The runner's settings from `params:training`, refusing keys nobody reads.
+
+    A typo such as `training.num_round=1` would otherwise run the default 20 rounds and
+    exit 0; it is a ConfigurationError naming the key, the block and the valid keys.
+    """
+    unknown = sorted(set(training) - set(SIMULATION_KEYS) - set(TRAINING_ONLY_KEYS))
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown key(s) {unknown} in the `training` block (conf/base/parameters_federated_training.yml). "
+            f"Valid keys: {', '.join(sorted((*SIMULATION_KEYS, *TRAINING_ONLY_KEYS)))}. Fix the spelling, e.g. "
+            "`kedro run --params training.num_rounds=5`."
+        )
     return SimulationConfig(**{key: training[key] for key in SIMULATION_KEYS if key in training})
 
 
@@ -185,6 +200,15 @@ def _real_train_labels(client: ClientData) -> np.ndarray:
     if client.train_is_synthetic is None:
         return labels
     return labels[~client.train_is_synthetic.cpu().numpy().astype(bool)]
+
+
+#: A hospital's personalized model is judged for constancy where its test split can show it.
+MIN_TEST_PER_CLASS = 5
+
+
+def _two_class_site(site: Mapping[str, Any]) -> bool:
+    per_class = np.asarray(site["confusion_matrix"]).sum(axis=1)
+    return int((per_class >= MIN_TEST_PER_CLASS).sum()) >= 2
 
 
 def evaluate_models(
@@ -248,6 +272,12 @@ def evaluate_models(
             unseen.append({"client_id": client.client_id, **_metrics(model, x, y, num_classes, evaluation, n_bootstrap=0)})
     report["sites"] = sites
     report["site_summary"] = summarize_sites(sites) if sites else None
+    eligible = [site for site in sites if _two_class_site(site)]
+    report["two_class_sites"] = {
+        "rule": f"local test split with >= {MIN_TEST_PER_CLASS} images of each of two or more classes",
+        "client_ids": [site["client_id"] for site in eligible],
+        "constant_client_ids": [site["client_id"] for site in eligible if site["constant_predictor"]],
+    }
     report["majority_class_sites"] = majority
     report["majority_class_site_summary"] = summarize_sites(majority) if majority else None
     if last_sites:
@@ -352,6 +382,9 @@ def headline_metrics(evaluation_report: dict[str, Any], training_summary: dict[s
         summary = evaluation_report.get(key)
         for name in ("accuracy", "balanced_accuracy", "macro_auc"):
             flat[f"{prefix}.mean.{name}"] = _clean(summary["mean"][name]) if summary else None
+    two_class = evaluation_report.get("two_class_sites")
+    flat["personalized.num_two_class_sites"] = len(two_class["client_ids"]) if two_class else None
+    flat["personalized.num_constant_two_class_sites"] = len(two_class["constant_client_ids"]) if two_class else None
     selection = training_summary.get("selection") or {}
     flat["selection.global_round"] = selection.get("global_round")
     totals = training_summary["totals"]

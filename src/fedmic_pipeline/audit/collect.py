@@ -811,13 +811,17 @@ def model_card(card: Mapping[str, Any], dataset_info: Mapping[str, Any], partiti
     performance = []
     if g:
         ci = (g.get("ci") or {}).get("accuracy") or [None, None]
-        performance.append(_fmt_line("global model accuracy", g.get("accuracy"), ci))
         performance.append(_fmt_line("global model balanced accuracy", g.get("balanced_accuracy"), (g.get("ci") or {}).get("balanced_accuracy")))
+        performance.append(_fmt_line("global model macro AUC", g.get("macro_auc"), (g.get("ci") or {}).get("macro_auc")))
+        performance.append(_fmt_line("global model accuracy", g.get("accuracy"), ci))
         performance.append(_fmt_line("global model ECE", g.get("ece"), (g.get("ci") or {}).get("ece")))
+        if g.get("constant_predictor"):
+            performance.append(f"CONSTANT PREDICTOR: one class for {_f(g.get('top_class_share'))} of the global test set")
     if site:
         performance.append(
-            f"personalized models: mean accuracy {_f(site['mean'].get('accuracy'))}, worst site {_f(site['worst'].get('accuracy'))} "
-            f"(client {site.get('worst_site', {}).get('accuracy')})"
+            f"personalized models ({site.get('num_sites')} sites, {site.get('num_constant_sites', 0)} constant): mean balanced "
+            f"accuracy {_f(site['mean'].get('balanced_accuracy'))}, worst site {_f(site['worst'].get('balanced_accuracy'))} "
+            f"(client {site.get('worst_site', {}).get('balanced_accuracy')})"
         )
     if unseen:
         performance.append(_fmt_line(f"global model on the unseen device ({unseen.get('device')})", unseen.get("accuracy"), (unseen.get("ci") or {}).get("accuracy")))

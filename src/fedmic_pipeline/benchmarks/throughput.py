@@ -477,7 +477,7 @@ def _run_resident(
         num_rounds=rounds, join_ratio=settings.join_ratio, seed=settings.seed, device=str(device),
         amp=settings.amp, eval_every=rounds, evaluate_personalized=False,
     )  # fmt: skip
-    result = run_simulation(algorithm, clients, spec, config, global_test=None)
+    result = run_simulation(algorithm, clients, spec, config)
     return [(int(sum(m["num_samples"] for m in r["client_metrics"])), float(r["train_time_s"])) for r in result.history]
 
 

@@ -109,6 +109,7 @@ class SimulationConfig:
     amp: str = "auto"
     eval_every: int = 1
     eval_batch_size: int = 1024
+    evaluate_global: bool = True
     evaluate_personalized: bool = True
     progress: str = "none"
     min_train_samples: int = 2
@@ -519,7 +520,7 @@ def _validate_round(
     t1 = time.perf_counter()
     out: dict[str, Any] = {}
     k, batch = spec.num_classes, config.eval_batch_size
-    model = algorithm.global_model(server_state)
+    model = algorithm.global_model(server_state) if config.evaluate_global else None
     if model is not None:
         pooled = sum(validation_counts(model, c.val_x, c.val_y, k, batch)[0] for c in originals)
         total = int(pooled.sum())

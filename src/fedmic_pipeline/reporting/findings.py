@@ -17,12 +17,14 @@ import pandas as pd
 
 __all__ = ["FINDING_METRICS", "findings_markdown", "paired_differences"]
 
-#: (metric column, label) compared by default; higher is better for each.
-FINDING_METRICS: tuple[tuple[str, str], ...] = (
+#: (metric column, label[, higher is better]) compared by default.
+FINDING_METRICS: tuple[tuple, ...] = (
     ("global.balanced_accuracy", "global balanced accuracy"),
     ("global.macro_auc", "global AUC"),
+    ("unseen_device.global.balanced_accuracy", "unseen-device balanced accuracy"),
     ("personalized.mean.balanced_accuracy", "personalized balanced accuracy"),
     ("personalized.mean.macro_auc", "personalized AUC"),
+    ("communication.mb_up_total", "MB uploaded", False),
 )
 
 
@@ -36,7 +38,8 @@ def paired_differences(
 
     ``runs`` has one row per method x scenario x seed (the comparison's ``runs.csv``).
     Seeds missing for either method are left out of that pair; pairs with fewer than two
-    seeds are never stated (no spread to compare against).
+    seeds are never stated (no spread to compare against). A metric may carry a third
+    element, False, when lower is better (bytes): "better" then means a negative difference.
     """
     keys = [c for c in scenario_columns if c in runs.columns]
     rows = []
@@ -49,7 +52,8 @@ def paired_differences(
             if baseline == reference:
                 continue
             theirs = group[group["method"] == baseline].set_index("seed")
-            for column, label in metrics:
+            for column, label, *direction in metrics:
+                higher_is_better = direction[0] if direction else True
                 if column not in group:
                     continue
                 a = pd.to_numeric(mine[column], errors="coerce")
@@ -72,9 +76,9 @@ def paired_differences(
                         "baseline_mean": float(b.loc[d.index].mean()),
                         "mean_difference": mean,
                         "std_difference": std,
-                        "seeds_reference_better": int((d > 0).sum()),
+                        "seeds_reference_better": int(((d > 0) if higher_is_better else (d < 0)).sum()),
                         "stated": stated,
-                        "verdict": ("better" if mean > 0 else "worse") if stated else "not distinguishable",
+                        "verdict": ("better" if (mean > 0) == higher_is_better else "worse") if stated else "not distinguishable",
                     }
                 )
     return pd.DataFrame(rows)
@@ -112,7 +116,7 @@ def findings_markdown(differences: pd.DataFrame, reference: str = "fedmic") -> s
                 std = "n/a" if np.isnan(row["std_difference"]) else f"{row['std_difference']:.3f}"
                 lines.append(
                     f"  - {row['baseline']} on {row['label']}: {row['reference_mean']:.3f} vs {row['baseline_mean']:.3f} "
-                    f"(difference {row['mean_difference']:+.3f} ± {std}, {reference} higher in "
+                    f"(difference {row['mean_difference']:+.3f} ± {std}, {reference} better in "
                     f"{row['seeds_reference_better']}/{row['seeds']} seeds)"
                 )
         lines.append("")

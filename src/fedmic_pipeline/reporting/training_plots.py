@@ -40,23 +40,23 @@ def training_curves(history: pd.DataFrame, algorithm: str) -> Figure:
 
 
 def site_and_device_accuracy(sites: pd.DataFrame, devices: pd.DataFrame, algorithm: str) -> Figure:
-    """Each hospital's personalized accuracy and the global model under each device, with 95% CIs."""
+    """Each hospital's personalized balanced accuracy and the global model's under each device, with 95% CIs."""
     figure = Figure(figsize=(11, 3.8), layout="constrained")
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     if len(sites):
         x = np.arange(len(sites))
-        acc = sites["accuracy"].to_numpy(float)
-        err = np.vstack([acc - sites["accuracy_ci_low"].to_numpy(float), sites["accuracy_ci_high"].to_numpy(float) - acc])
+        acc = sites["balanced_accuracy"].to_numpy(float)
+        err = np.vstack([acc - sites["balanced_accuracy_ci_low"].to_numpy(float), sites["balanced_accuracy_ci_high"].to_numpy(float) - acc])
         left.bar(x, acc, yerr=np.nan_to_num(err), capsize=3, color="tab:blue", alpha=0.8)
         left.axhline(float(np.nanmean(acc)), color="k", ls="--", lw=1, label=f"mean {np.nanmean(acc):.3f}")
         left.set_xticks(x, [f"client_{c:02d}" for c in sites["client_id"]], rotation=45, ha="right", fontsize=8)
         left.legend(fontsize=8)
-    left.set(ylabel="accuracy (local test)", title=f"{algorithm}: personalized model per hospital", ylim=(0, 1.05))
+    left.set(ylabel="balanced accuracy (local test)", title=f"{algorithm}: personalized model per hospital", ylim=(0, 1.05))
     left.grid(alpha=0.3, axis="y")
     if len(devices):
         x = np.arange(len(devices))
-        acc = devices["accuracy"].to_numpy(float)
-        err = np.vstack([acc - devices["accuracy_ci_low"].to_numpy(float), devices["accuracy_ci_high"].to_numpy(float) - acc])
+        acc = devices["balanced_accuracy"].to_numpy(float)
+        err = np.vstack([acc - devices["balanced_accuracy_ci_low"].to_numpy(float), devices["balanced_accuracy_ci_high"].to_numpy(float) - acc])
         colors = ["tab:red" if held else "tab:green" for held in devices["held_out"]]
         right.bar(x, acc, yerr=err, capsize=3, color=colors, alpha=0.8)
         labels = [f"{name}\n(unseen)" if held else name for name, held in zip(devices["device"], devices["held_out"], strict=True)]
@@ -65,6 +65,6 @@ def site_and_device_accuracy(sites: pd.DataFrame, devices: pd.DataFrame, algorit
     else:
         right.text(0.5, 0.5, "no global model\n(local-only / FedBN)", ha="center", va="center", transform=right.transAxes)
         right.set_xticks([])
-    right.set(ylabel="accuracy (global test)", ylim=(0, 1.05))
+    right.set(ylabel="balanced accuracy (global test)", ylim=(0, 1.05))
     right.grid(alpha=0.3, axis="y")
     return figure

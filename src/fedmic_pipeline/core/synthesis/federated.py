@@ -281,10 +281,11 @@ def train_generator_federated(
         device=device,
         amp="off",
         eval_every=config.rounds,
+        evaluate_global=False,  # a generator, not a classifier: nothing to validate or select
         evaluate_personalized=False,
         num_threads=num_threads,
     )
-    result = run_simulation(algorithm, clients, spec, sim, global_test=None)
+    result = run_simulation(algorithm, clients, spec, sim)
     history = [
         {
             "round": r["round"],

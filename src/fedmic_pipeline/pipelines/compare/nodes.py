@@ -45,8 +45,12 @@ TABLE_COLUMNS = (
     ("communication.mb_up_total", "MB up total"),
     ("wall_time_s", "wall time (s)"),
 )
+GLOBAL_HEADINGS = [h for c, h in TABLE_COLUMNS if c.startswith(("global", "unseen"))]
+PERSONAL_HEADINGS = [h for c, h in TABLE_COLUMNS if not c.startswith(("global", "unseen"))]
 #: Headings of the constant-predictor counts (seeds with a constant global model; constant sites per seed).
 CONSTANT_GLOBAL, CONSTANT_SITES = "constant global (seeds)", "constant sites / seed"
+#: Constant personalized models at hospitals whose test split has >= 5 images of two classes, all seeds.
+CONSTANT_TWO_CLASS = "constant two-class sites"
 #: Bumped when what a cached run means changes (metrics, selection), so old caches are not reused.
 CACHE_VERSION = 2
 
@@ -59,6 +63,33 @@ def as_list(value: Any) -> list[Any]:
     if isinstance(value, (int, float)):
         return [value]
     return list(value)
+
+
+def comparison_grid(compare: Mapping[str, Any], default_join_ratio: float) -> list[tuple[float, float, int, str]]:
+    """The (lambda, join ratio, seed, method) cells to run, in an order that reuses partitions.
+
+    Either the product of ``methods`` x ``lambdas`` x ``join_ratios`` x ``seeds``, or, when
+    ``scenarios`` is given, the union of one such product per scenario (each scenario may
+    set its own ``methods``, ``lambdas``, ``join_ratios`` and ``seeds``; missing keys come
+    from the top level), so one grid can hold all methods at one participation level and a
+    few at another.
+    """
+    def product(block: Mapping[str, Any]) -> list[tuple[float, float, int, str]]:
+        merged = {**compare, **block}
+        joins = merged.get("join_ratios") or [default_join_ratio]
+        return [
+            (float(lam), float(join), int(seed), str(method))
+            for lam in as_list(merged["lambdas"])
+            for join in as_list(joins)
+            for seed in as_list(merged["seeds"])
+            for method in as_list(merged["methods"])
+        ]
+
+    scenarios = compare.get("scenarios")
+    if scenarios is None or (isinstance(scenarios, str) and scenarios.strip().lower() in ("", "none", "null")):
+        scenarios = [{}]  # the command line's `compare.scenarios=none`: just the top-level lists
+    cells = list(dict.fromkeys(cell for block in scenarios for cell in product(block)))
+    return sorted(cells, key=lambda c: (c[0], c[2], c[1]))  # same (lambda, seed): one partition
 
 
 def _cache_key(**parts: Any) -> str:
@@ -104,70 +135,65 @@ def run_comparison(
     determines it), so an interrupted grid continues where it stopped and a grown grid
     runs only its new cells.
     """
-    methods = [str(m) for m in as_list(compare["methods"])]
-    lambdas = [float(v) for v in as_list(compare["lambdas"])]
-    seeds = [int(v) for v in as_list(compare["seeds"])]
     run_training = {**training, **compare.get("training_overrides", {})}
-    join_ratios = [float(v) for v in as_list(compare.get("join_ratios") or [run_training.get("join_ratio", 1.0)])]
-    for method in methods:  # fail on a typo before hours of training
+    grid = comparison_grid(compare, default_join_ratio=float(run_training.get("join_ratio", 1.0)))
+    for method in dict.fromkeys(m for _, _, _, m in grid):  # fail on a typo before hours of training
         experiment.make_algorithm(method, algorithm_params, experiment.data_spec(dataset_info))
     cache_dir = Path(compare["cache_dir"]) if compare.get("cache_dir") else None
-    grid = [(lam, join, seed) for lam in lambdas for join in join_ratios for seed in seeds]
-    total, done = len(grid) * len(methods), 0
+    total, done = len(grid), 0
     run_evaluation = {**evaluation, "n_bootstrap": int(compare.get("n_bootstrap", evaluation["n_bootstrap"]))}
     dataset = str(dataset_info.get("flag"))
     rows, curves = [], []
     started_grid = time.perf_counter()
     partition_cache: dict[tuple[float, int], tuple[Any, Any, Any]] = {}
-    for lam, join, seed in grid:
+    for lam, join, seed, method in grid:
         part_params = {**partition, "dirichlet_lambda": float(lam), "seed": int(seed)}
         device_params = {**devices, "seed": int(seed)}
-        for method in methods:
-            done += 1
-            settings = {**run_training, "seed": int(seed), "join_ratio": float(join)}
-            key = _cache_key(
-                method=method, dataset_md5=dataset_info.get("md5"), partition=part_params, devices=device_params,
-                training={k: v for k, v in settings.items() if k not in ("progress", "num_threads", "device")},
-                algorithm=experiment.algorithm_params_for(method, algorithm_params), evaluation=run_evaluation,
-            )  # fmt: skip
-            path = None if cache_dir is None else cache_dir / f"{method}-{dataset}-l{lam}-j{join}-s{seed}-{key}.json"
-            cached = _read_cache(path)
-            if cached is not None:
-                row, history = cached
-                logger.info("compare %d/%d: %s lambda=%s join=%s seed=%s from the cache", done, total, method, lam, join, seed)
-            else:
-                if (lam, seed) not in partition_cache:
-                    plan = build_partition_plan(validated_dataset, dataset_info, part_params, device_params)
-                    client_arrays, global_test_set, manifest, _ = materialise_partition(
-                        validated_dataset, dataset_info, plan, part_params, device_params, True
-                    )
-                    partition_cache.clear()
-                    partition_cache[(lam, seed)] = (client_arrays, global_test_set, manifest)
-                client_arrays, global_test_set, manifest = partition_cache[(lam, seed)]
-                started = time.perf_counter()
-                report, summary, result = experiment.run_and_evaluate(
-                    method, algorithm_params, dataset_info, client_arrays, global_test_set,
-                    manifest.get("held_out_device"), settings, run_evaluation,
-                )  # fmt: skip
-                row = {
-                    "dataset": dataset, "method": method, "lambda": float(lam), "join_ratio": float(join), "seed": int(seed),
-                    **experiment.headline_metrics(report, summary),
-                }  # fmt: skip
-                row.pop("algorithm", None)
-                history = experiment.history_table(result.history).assign(
-                    dataset=dataset, method=method, **{"lambda": float(lam)}, join_ratio=float(join), seed=int(seed)
+        done += 1
+        settings = {**run_training, "seed": int(seed), "join_ratio": float(join)}
+        key = _cache_key(
+            method=method, dataset_md5=dataset_info.get("md5"), partition=part_params, devices=device_params,
+            training={k: v for k, v in settings.items() if k not in ("progress", "num_threads", "device")},
+            algorithm=experiment.algorithm_params_for(method, algorithm_params), evaluation=run_evaluation,
+        )  # fmt: skip
+        path = None if cache_dir is None else cache_dir / f"{method}-{dataset}-l{lam}-j{join}-s{seed}-{key}.json"
+        cached = _read_cache(path)
+        if cached is not None:
+            row, history = cached
+            logger.info("compare %d/%d: %s lambda=%s join=%s seed=%s from the cache", done, total, method, lam, join, seed)
+        else:
+            if (lam, seed) not in partition_cache:
+                plan = build_partition_plan(validated_dataset, dataset_info, part_params, device_params)
+                client_arrays, global_test_set, manifest, _ = materialise_partition(
+                    validated_dataset, dataset_info, plan, part_params, device_params, True
                 )
-                _log_nested_run(row, history, summary)
-                _write_cache(path, row, history)
-                elapsed = time.perf_counter() - started_grid
-                logger.info(
-                    "compare %d/%d: %s lambda=%s join=%s seed=%s | global bal. acc %s | personalized bal. acc %s | "
-                    "%.0fs (grid %.0f min so far)",
-                    done, total, method, lam, join, seed, _fmt(row["global.balanced_accuracy"]),
-                    _fmt(row["personalized.mean.balanced_accuracy"]), time.perf_counter() - started, elapsed / 60,
-                )  # fmt: skip
-            rows.append(row)
-            curves.append(history)
+                partition_cache.clear()
+                partition_cache[(lam, seed)] = (client_arrays, global_test_set, manifest)
+            client_arrays, global_test_set, manifest = partition_cache[(lam, seed)]
+            started = time.perf_counter()
+            report, summary, result = experiment.run_and_evaluate(
+                method, algorithm_params, dataset_info, client_arrays, global_test_set,
+                manifest.get("held_out_device"), settings, run_evaluation,
+            )  # fmt: skip
+            row = {
+                "dataset": dataset, "method": method, "lambda": float(lam), "join_ratio": float(join), "seed": int(seed),
+                **experiment.headline_metrics(report, summary),
+            }  # fmt: skip
+            row.pop("algorithm", None)
+            history = experiment.history_table(result.history).assign(
+                dataset=dataset, method=method, **{"lambda": float(lam)}, join_ratio=float(join), seed=int(seed)
+            )
+            _log_nested_run(row, history, summary)
+            _write_cache(path, row, history)
+            elapsed = time.perf_counter() - started_grid
+            logger.info(
+                "compare %d/%d: %s lambda=%s join=%s seed=%s | global bal. acc %s | personalized bal. acc %s | "
+                "%.0fs (grid %.0f min so far)",
+                done, total, method, lam, join, seed, _fmt(row["global.balanced_accuracy"]),
+                _fmt(row["personalized.mean.balanced_accuracy"]), time.perf_counter() - started, elapsed / 60,
+            )  # fmt: skip
+        rows.append(row)
+        curves.append(history)
     return pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
 
 
@@ -239,14 +265,23 @@ def comparison_table(comparison_runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             if "global.constant_predictor" in group:
                 flags = group["global.constant_predictor"].dropna().astype(float)
                 record[CONSTANT_GLOBAL] = f"{int(flags.sum())}/{len(group)}" if len(flags) else "n/a"
+            if "personalized.num_constant_two_class_sites" in group and group["personalized.num_constant_two_class_sites"].notna().any():
+                flagged = group["personalized.num_constant_two_class_sites"].astype(float)
+                eligible = group["personalized.num_two_class_sites"].astype(float)
+                record[CONSTANT_TWO_CLASS] = f"{int(flagged.sum())} of {int(eligible.sum())}"
             if "personalized.num_constant_sites" in group:
                 sites = group["personalized.num_constant_sites"].astype(float)
                 total = group["personalized.num_sites"].astype(float).mean() if "personalized.num_sites" in group else np.nan
                 record[CONSTANT_SITES] = f"{sites.mean():.1f} of {total:.0f}"
             records.append(record)
     table = pd.DataFrame(records)
-    wanted = [*keys, "method", "seeds", *[h for _, h in TABLE_COLUMNS], CONSTANT_GLOBAL, CONSTANT_SITES]
-    headings = [h for h in wanted if h in table]
+    views = []
+    for title, wanted in (
+        ("Global model (official test set)", [*GLOBAL_HEADINGS, CONSTANT_GLOBAL]),
+        ("Personalized models (each hospital's local test split) and cost", [*PERSONAL_HEADINGS, CONSTANT_SITES, CONSTANT_TWO_CLASS]),
+    ):
+        headings = [h for h in [*keys, "method", "seeds", *wanted] if h in table]
+        views += [f"## {title}", "", table[headings].fillna("").to_markdown(index=False), ""]
     markdown = "\n".join(
         [
             "# Method comparison (mean ± std over seeds)",
@@ -259,10 +294,10 @@ def comparison_table(comparison_runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             "hospital's own model on its local test split, mean over hospitals; worst-site: the lowest "
             "hospital; unseen-device: the global model on the test set as the held-out imaging device "
             "renders it. `majority class` always predicts the training majority: a method at or near "
-            "that row has learned nothing. constant: the model gives one class to >= 95 % of a test set.",
+            "that row has learned nothing. constant: the model gives one class to >= 95 % of a test set; "
+            "two-class sites: hospitals whose local test split has >= 5 images of two or more classes.",
             "",
-            table[headings].fillna("").to_markdown(index=False),
-            "",
+            *views,
         ]
     )
     numeric = table[[*keys, "method", "seeds", *[c for c in table.columns if c.endswith((".mean", ".std"))]]]

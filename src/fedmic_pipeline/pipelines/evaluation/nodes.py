@@ -88,10 +88,13 @@ def site_table(evaluation_report: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for site in evaluation_report["sites"]:
         row = {"client_id": site["client_id"], "device_id": site["device_id"], "n_test": site["n"]}
+        row["test_classes"] = sum(1 for count in np.sum(site["confusion_matrix"], axis=1) if count > 0)
         for name in SCALAR_METRICS:
             row[name] = site[name]
             low, high = site.get("ci", {}).get(name, (None, None))
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = low, high
+        row["top_class_share"] = site["top_class_share"]
+        row["constant_predictor"] = site["constant_predictor"]
         rows.append(row)
     return pd.DataFrame(rows)
 
