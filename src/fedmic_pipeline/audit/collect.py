@@ -670,7 +670,7 @@ def training_process(
 def _metric_block(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not metrics:
         return None
-    keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece")
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece", "top_class_share", "constant_predictor")
     block = {k: metrics.get(k) for k in keys}
     block["ci"] = metrics.get("ci") or {}
     return block

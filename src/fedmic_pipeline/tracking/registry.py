@@ -331,19 +331,25 @@ def promote_from_tracking(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+    if evaluation_metrics.get("global.constant_predictor"):
+        share = evaluation_metrics.get("global.top_class_share")
+        reason = (
+            "the candidate is a constant predictor (it gives one class to at least 95 % of the global test set): a "
+            "model that has learned nothing is never promoted, whatever its score; aliases unchanged"
+        )
+        name, version = registered["registered_model"], str(registered["version"])
+        client.set_model_version_tag(name, version, "promotion.decision", NOT_PROMOTED)
+        client.set_model_version_tag(name, version, "promotion.reason", reason)
+        return skipped_decision(
+            reason, rule, decision=NOT_PROMOTED, run_id=run_id, registered_model=name, version=version,
+            top_class_share=share,
+        )  # fmt: skip
     metric_key = rule.metric.removeprefix("final.")
     fallback = evaluation_metrics.get(metric_key) if rule.metric.startswith("final.") else None
     try:
         fallback_value = float(fallback) if fallback is not None else None
     except (TypeError, ValueError):
         fallback_value = None
-    if evaluation_metrics.get("global.constant_predictor"):
-        share = evaluation_metrics.get("global.top_class_share")
-        return skipped_decision(
-            "the candidate is a constant predictor (it gives one class to at least 95 % of the global test set): a model "
-            "that has learned nothing is never promoted, whatever its score; aliases unchanged",
-            rule, decision=NOT_PROMOTED, run_id=run_id, version=str(registered["version"]), top_class_share=share,
-        )  # fmt: skip
     try:
         return decide_and_apply(client, registered["registered_model"], registered["version"], rule, fallback_value)
     except MlflowException as error:
