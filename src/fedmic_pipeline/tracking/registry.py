@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 PROMOTED = "promoted"
 NOT_PROMOTED = "not_promoted"
+#: The evaluation's constant-predictor flag of the global model, as logged in the training run.
+CONSTANT_METRIC = "final.global.constant_predictor"
 ALREADY_CHAMPION = "already_champion"
 SKIPPED = "skipped"
 
@@ -169,14 +171,20 @@ def decide_and_apply(
     version: str | int,
     rule: PromotionRule,
     candidate_value_fallback: float | None = None,
+    candidate_constant: bool | None = None,
 ) -> dict[str, Any]:
     """Apply the promotion rule to registered version `version` of `name`; return the decision.
 
     `candidate_value_fallback` is used when the candidate's run lacks `rule.metric` (the
-    headline numbers of the evaluation that just ran, before they reached MLflow).
+    headline numbers of the evaluation that just ran, before they reached MLflow), and
+    `candidate_constant` when it lacks `final.global.constant_predictor`. A constant
+    predictor (one class for >= 95 % of the global test set) is never promoted.
     """
     version = str(version)
     candidate = _version_facts(client, name, version, rule.metric)
+    if candidate_constant is None:
+        flag = _metric(client, candidate["run_id"], CONSTANT_METRIC)
+        candidate_constant = None if flag is None else bool(flag)
     if candidate["value"] is None and candidate_value_fallback is not None and math.isfinite(candidate_value_fallback):
         candidate["value"] = float(candidate_value_fallback)
     data: DataVersion = candidate["data_version"]
@@ -196,6 +204,12 @@ def decide_and_apply(
     improvement = None
     if champion is not None and champion["version"] == version:
         decision, reason = ALREADY_CHAMPION, f"version {version} already holds the alias '{rule.alias}'; nothing changed"
+    elif candidate_constant:
+        decision = NOT_PROMOTED
+        reason = (
+            "the candidate is a constant predictor (it gives one class to at least 95 % of the global test set): a "
+            "model that has learned nothing is never promoted, whatever its score; aliases unchanged"
+        )
     elif candidate["value"] is None:
         decision = NOT_PROMOTED
         reason = f"the candidate's run has no finite value of {rule.metric}: cannot judge it; aliases unchanged"
@@ -331,27 +345,18 @@ def promote_from_tracking(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
-    if evaluation_metrics.get("global.constant_predictor"):
-        share = evaluation_metrics.get("global.top_class_share")
-        reason = (
-            "the candidate is a constant predictor (it gives one class to at least 95 % of the global test set): a "
-            "model that has learned nothing is never promoted, whatever its score; aliases unchanged"
-        )
-        name, version = registered["registered_model"], str(registered["version"])
-        client.set_model_version_tag(name, version, "promotion.decision", NOT_PROMOTED)
-        client.set_model_version_tag(name, version, "promotion.reason", reason)
-        return skipped_decision(
-            reason, rule, decision=NOT_PROMOTED, run_id=run_id, registered_model=name, version=version,
-            top_class_share=share,
-        )  # fmt: skip
     metric_key = rule.metric.removeprefix("final.")
     fallback = evaluation_metrics.get(metric_key) if rule.metric.startswith("final.") else None
     try:
         fallback_value = float(fallback) if fallback is not None else None
     except (TypeError, ValueError):
         fallback_value = None
+    constant = evaluation_metrics.get("global.constant_predictor")
     try:
-        return decide_and_apply(client, registered["registered_model"], registered["version"], rule, fallback_value)
+        return decide_and_apply(
+            client, registered["registered_model"], registered["version"], rule, fallback_value,
+            candidate_constant=None if constant is None else bool(constant),
+        )  # fmt: skip
     except MlflowException as error:
         raise RuntimeError(
             f"Promotion of {registered['registered_model']} version {registered['version']} failed against the MLflow "

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedmic_pipeline import experiment
+from fedmic_pipeline.datasets.atomic import write_bytes_atomically
 from fedmic_pipeline.pipelines.data_partition.nodes import build_partition_plan, materialise_partition
 from fedmic_pipeline.reporting import comparison_plots, findings
 
@@ -111,12 +110,8 @@ def _read_cache(path: Path | None) -> tuple[dict[str, Any], pd.DataFrame] | None
 def _write_cache(path: Path | None, row: dict[str, Any], curves: pd.DataFrame) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"row": row, "curves": json.loads(curves.to_json(orient="records"))}, default=str)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)  # a run killed mid-write leaves no valid-looking entry
+    write_bytes_atomically(path, text.encode())  # a run killed mid-write leaves no valid-looking entry
 
 
 def run_comparison(
@@ -145,7 +140,7 @@ def run_comparison(
     dataset = str(dataset_info.get("flag"))
     rows, curves = [], []
     started_grid = time.perf_counter()
-    partition_cache: dict[tuple[float, int], tuple[Any, Any, Any]] = {}
+    partition_key: tuple[float, int] | None = None
     for lam, join, seed, method in grid:
         part_params = {**partition, "dirichlet_lambda": float(lam), "seed": int(seed)}
         device_params = {**devices, "seed": int(seed)}
@@ -162,14 +157,12 @@ def run_comparison(
             row, history = cached
             logger.info("compare %d/%d: %s lambda=%s join=%s seed=%s from the cache", done, total, method, lam, join, seed)
         else:
-            if (lam, seed) not in partition_cache:
+            if partition_key != (lam, seed):  # the grid is sorted so that each partition is built once
                 plan = build_partition_plan(validated_dataset, dataset_info, part_params, device_params)
                 client_arrays, global_test_set, manifest, _ = materialise_partition(
                     validated_dataset, dataset_info, plan, part_params, device_params, True
                 )
-                partition_cache.clear()
-                partition_cache[(lam, seed)] = (client_arrays, global_test_set, manifest)
-            client_arrays, global_test_set, manifest = partition_cache[(lam, seed)]
+                partition_key = (lam, seed)
             started = time.perf_counter()
             report, summary, result = experiment.run_and_evaluate(
                 method, algorithm_params, dataset_info, client_arrays, global_test_set,

@@ -14,8 +14,6 @@ running it, and the models' PartitionedDataset would both wipe and load it.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from fedmic_pipeline.core.checkpoint import deserialize_checkpoint, serialize_ch
 from fedmic_pipeline.core.models import model_record
 from fedmic_pipeline.core.protocol import ConfigurationError
 from fedmic_pipeline.core.simulation import run_simulation
+from fedmic_pipeline.datasets.atomic import write_bytes_atomically
 from fedmic_pipeline.tracking import mlflow_logging
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def train_federated(
     result = run_simulation(
         algorithm, clients, spec, config,
         checkpoint_every=every if path is not None else 0,
-        on_checkpoint=(lambda checkpoint: _write_atomically(path, serialize_checkpoint(checkpoint))) if path else None,
+        on_checkpoint=(lambda checkpoint: write_bytes_atomically(path, serialize_checkpoint(checkpoint))) if path else None,
         resume_from=resume_from,
         fingerprint_extra={"dataset": dataset_info.get("flag"), "dataset_md5": dataset_info.get("md5"),
                            "extra_training_data": mode},
@@ -123,22 +122,6 @@ def _load_checkpoint(path: Path | None, resume: str) -> dict[str, Any] | None:
     checkpoint = deserialize_checkpoint(path.read_bytes(), map_location=None if torch.cuda.is_available() else "cpu")
     logger.info("Resuming from %s (%d of %d rounds done)", path, checkpoint["rounds_completed"], checkpoint["num_rounds"])
     return checkpoint
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then `os.replace` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    logger.debug("Checkpoint written: %s (%.1f MB)", path, len(data) / 1e6)
 
 
 def track_training(
