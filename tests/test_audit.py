@@ -7,6 +7,7 @@ against a temp SQLite MLflow store, then `audit`. The tests read what the audit 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ import pytest
 import yaml
 
 from fixtures_medmnist import fake_arrays, make_project_copy, register_release, write_release
-from fedmic_pipeline.audit import collect, render
+from fedmic_pipeline.audit import collect, data_sections, hashing, integrity, render
+from fedmic_pipeline.audit.inputs import AuditInputs
 
 FLAG = "pneumoniamnist"
 SECTIONS = (
@@ -256,7 +258,7 @@ def test_unreachable_tracking_server_degrades_to_local_records(finished_run):
 
     import pandas as pd
 
-    report = collect.build_report(
+    report = collect.build_report(AuditInputs(
         training_tracking=tracking,
         training_summary=load("data/07_model_output/training_summary.json"),
         training_history=pd.read_csv(project / "data/07_model_output/training_history.csv"),
@@ -266,8 +268,8 @@ def test_unreachable_tracking_server_degrades_to_local_records(finished_run):
         partition_manifest=load("data/05_model_input/partition_manifest.json"),
         raw_validation_report=None, duplicate_report=None, partition_validation_report=None,
         synthetic_manifest=None, synthetic_validation_report=None, synthetic_quality=None, promotion_decision=None,
-        parameters=None, audit={**audit_params, "mlflow_timeout_s": 3}, project_root=project,
-    )  # fmt: skip
+        parameters=None, audit={**audit_params, "mlflow_timeout_s": 3},
+    ), project_root=project)  # fmt: skip
     assert report["general"]["mlflow"]["available"] is False
     assert "training_summary.json" in report["parameters"]["source"]
     assert report["integrity"]["status"] == "PASS"  # local run tags still bind the data to the run
@@ -294,7 +296,7 @@ def test_directory_hash_is_dvcs_own(tmp_path):
     (folder / "sub").mkdir(parents=True)
     for name, content in {"client_00.npz": b"a" * 100, "client_01.npz": b"b", "sub/x.bin": b"\x00\x01"}.items():
         (folder / name).write_bytes(content)
-    ours, listing = collect.dvc_dir_md5(folder)
+    ours, listing = hashing.dvc_dir_md5(folder)
     tree = Tree()
     for rel, md5 in listing.items():
         tree.add(tuple(rel.split("/")), Meta(), HashInfo("md5", md5))
@@ -318,20 +320,20 @@ def test_dvc_lock_outputs_are_rehashed_file_by_file(tmp_path):
     }}}))  # fmt: skip
     result = subprocess.run(["dvc", "repro", "-q"], cwd=project, env=_tool_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    lock = collect.read_dvc_lock(project / "dvc.lock")
+    lock = data_sections.read_dvc_lock(project / "dvc.lock")
 
-    clean = collect._dvc_checks(lock, project, project / ".dvc/cache", synthetic_used=False)
+    clean = integrity._dvc_checks(lock, project, project / ".dvc/cache", synthetic_used=False)
     assert [c["status"] for c in clean] == ["PASS", "PASS"]
 
     target = project / "data/05_model_input/clients/client_01.npz"
     data = bytearray(target.read_bytes())
     data[10] ^= 0xFF
     target.write_bytes(bytes(data))
-    checks = collect._dvc_checks(lock, project, project / ".dvc/cache", synthetic_used=False)
+    checks = integrity._dvc_checks(lock, project, project / ".dvc/cache", synthetic_used=False)
     failed = [c for c in checks if c["status"] == "FAIL"]
     assert [c["subject"] for c in failed] == ["data/05_model_input/clients/client_01.npz"]
-    assert failed[0]["expected"] == collect.hashlib.md5(bytes([1]) * 64).hexdigest()
-    assert failed[0]["actual"] == collect.file_digest(target) and failed[0]["role"] == "input"
+    assert failed[0]["expected"] == hashlib.md5(bytes([1]) * 64).hexdigest()
+    assert failed[0]["actual"] == hashing.file_digest(target) and failed[0]["role"] == "input"
 
 
 def test_synthetic_sets_matter_only_when_the_run_used_them(tmp_path):
@@ -340,13 +342,13 @@ def test_synthetic_sets_matter_only_when_the_run_used_them(tmp_path):
     folder = tmp_path / "data/05_model_input/synthetic"
     arrays = {"images": np.zeros((2, 4, 4), np.uint8), "labels": np.array([0, 1])}
     save_npz_deterministic(folder / "client_00.npz", arrays)
-    manifest = {"sha256": {"client_00": {k: collect.hashlib.sha256(npy_bytes(v)).hexdigest() for k, v in arrays.items()}}}
+    manifest = {"sha256": {"client_00": {k: hashlib.sha256(npy_bytes(v)).hexdigest() for k, v in arrays.items()}}}
     save_npz_deterministic(folder / "client_00.npz", {**arrays, "labels": np.array([1, 1])})  # changed after the manifest
 
-    unused = collect._npz_checks("synthetic", folder, manifest["sha256"], "synthetic_manifest.json sha256", collect.UNUSED, tmp_path)
-    used = collect._npz_checks("synthetic", folder, manifest["sha256"], "synthetic_manifest.json sha256", collect.INPUT, tmp_path)
-    assert [c["status"] for c in unused] == ["WARN"] and collect.summarise_checks(unused)["status"] == "WARN"
-    assert [c["status"] for c in used] == ["FAIL"] and collect.summarise_checks(used)["changed_files"] == [
+    unused = integrity._npz_checks("synthetic", folder, manifest["sha256"], "synthetic_manifest.json sha256", integrity.UNUSED, tmp_path)
+    used = integrity._npz_checks("synthetic", folder, manifest["sha256"], "synthetic_manifest.json sha256", integrity.INPUT, tmp_path)
+    assert [c["status"] for c in unused] == ["WARN"] and integrity.summarise_checks(unused)["status"] == "WARN"
+    assert [c["status"] for c in used] == ["FAIL"] and integrity.summarise_checks(used)["changed_files"] == [
         "data/05_model_input/synthetic/client_00.npz"
     ]
     assert "labels.npy sha256" in used[0]["expected"] and used[0]["expected"] != used[0]["actual"]

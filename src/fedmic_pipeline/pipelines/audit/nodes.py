@@ -13,9 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from fedmic_pipeline.audit import collect, render
+from fedmic_pipeline.audit.inputs import AuditInputs
 
 logger = logging.getLogger(__name__)
 
@@ -24,44 +23,13 @@ class AuditIntegrityError(RuntimeError):
     """A file the audited run used has changed since the run (or is missing, if so configured)."""
 
 
-def build_audit_report(
-    training_tracking: dict[str, Any],
-    training_summary: dict[str, Any],
-    training_history: pd.DataFrame,
-    evaluation_report: dict[str, Any],
-    evaluation_metrics: dict[str, Any],
-    dataset_info: dict[str, Any],
-    partition_manifest: dict[str, Any],
-    raw_validation_report: dict[str, Any] | None,
-    duplicate_report: dict[str, Any] | None,
-    partition_validation_report: dict[str, Any] | None,
-    synthetic_manifest: dict[str, Any] | None,
-    synthetic_validation_report: dict[str, Any] | None,
-    synthetic_quality: dict[str, Any] | None,
-    promotion_decision: dict[str, Any] | None,
-    parameters: dict[str, Any],
-    audit: dict[str, Any],
-) -> dict[str, Any]:
-    """The JSON report of the run in mlflow_run.json; never raises on a failed check."""
-    return collect.build_report(
-        training_tracking=training_tracking,
-        training_summary=training_summary,
-        training_history=training_history,
-        evaluation_report=evaluation_report,
-        evaluation_metrics=evaluation_metrics,
-        dataset_info=dataset_info,
-        partition_manifest=partition_manifest,
-        raw_validation_report=raw_validation_report,
-        duplicate_report=duplicate_report,
-        partition_validation_report=partition_validation_report,
-        synthetic_manifest=synthetic_manifest,
-        synthetic_validation_report=synthetic_validation_report,
-        synthetic_quality=synthetic_quality,
-        promotion_decision=promotion_decision,
-        parameters=parameters,
-        audit=audit,
-        project_root=Path.cwd(),  # kedro runs from the project root, as the catalog's relative paths assume
-    )
+def build_audit_report(**inputs: Any) -> dict[str, Any]:
+    """The JSON report of the run in mlflow_run.json; never raises on a failed check.
+
+    `inputs` are the fields of `AuditInputs`, named in the pipeline's input mapping.
+    """
+    # kedro runs from the project root, as the catalog's relative paths assume
+    return collect.build_report(AuditInputs(**inputs), project_root=Path.cwd())
 
 
 def render_audit_html(audit_report: dict[str, Any]) -> str:
