@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedmic_pipeline.core.algorithms import ALGORITHMS, AlgorithmConfig, BaseAlgorithm, build_algorithm, register
+from fedmic_pipeline.core.algorithms.fedavg import FedAvg, FedAvgConfig
 from fedmic_pipeline.core.algorithms.scaffold import CONTROL_PREFIX
 from fedmic_pipeline.core.models import build_model
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec
@@ -110,6 +111,40 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_changes_training(clients: list[Cl
     assert not _params_equal(fedavg.last_global_model(), prox.last_global_model())
     assert prox.history[0]["client_metrics"][0]["objective"] > prox.history[0]["client_metrics"][0]["loss"]
     assert prox.history[0]["bytes_up"] == fedavg.history[0]["bytes_up"]
+    # the proximal term enters only through FedAvg's ``local_objective`` hook: with mu = 0 the
+    # whole history is FedAvg's bit for bit, with mu > 0 every round's losses differ
+    assert _training_history(prox0) == _training_history(fedavg)
+    assert all(
+        p["loss"] != f["loss"]
+        for rp, rf in zip(prox.history, fedavg.history, strict=True)
+        for p, f in zip(rp["client_metrics"], rf["client_metrics"], strict=True)
+    )
+
+
+def _training_history(result) -> list[dict]:
+    keys = ("sampled", "train_loss", "train_accuracy", "bytes_up", "bytes_down", "client_metrics")
+    return [{k: r[k] for k in keys} for r in result.history]
+
+
+def test_fedavg_hooks_shape_every_local_update(clients: list[ClientData], spec: DataSpec) -> None:
+    """A FedAvg variant that overrides only the hooks changes what FedAvg's client_update does."""
+    calls: list[tuple[str, int]] = []
+
+    class Hooked(FedAvg):
+        def local_objective(self, model, payload, state, ctx):
+            calls.append(("objective", ctx.round))
+            return lambda m, x, y, h, z: 0.5 * z.float().pow(2).mean()
+
+        def after_local_update(self, state, data, payload, upload, stats, ctx):
+            calls.append(("after", ctx.round))
+            assert set(upload) == set(payload) and stats.objective > stats.loss
+            return {**super().after_local_update(state, data, payload, upload, stats, ctx), "hooked": 1.0}
+
+    hooked = run_simulation(Hooked(FedAvgConfig(**COMMON), spec), clients, spec, SimulationConfig(num_rounds=2, seed=0))
+    fedavg = _run("fedavg", clients, spec)
+    assert calls == [(kind, r) for r in range(2) for _ in clients for kind in ("objective", "after")]
+    assert all(m["hooked"] == 1.0 and m["objective"] > m["loss"] for r in hooked.history for m in r["client_metrics"])
+    assert not _params_equal(hooked.last_global_model(), fedavg.last_global_model())
 
 
 def test_scaffold_first_round_is_fedavg_then_control_variates_act(clients: list[ClientData], spec: DataSpec) -> None:

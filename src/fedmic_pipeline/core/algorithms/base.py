@@ -1,25 +1,19 @@
-"""What every algorithm shares: the config base, the registry, and a helper base class.
+"""What every algorithm shares: the config base, the registry, and helper base classes.
 
-Registering a method (one file per method under ``core/algorithms/``)::
+Registering a method (one file per method under ``core/algorithms/``; ``fedprox.py`` is
+the smallest complete one): a frozen dataclass subclassing ``AlgorithmConfig`` whose
+``validate`` extends the base one with ``require(condition, message)``, and the class::
 
-    @dataclass(frozen=True)
-    class MoonConfig(AlgorithmConfig):
-        mu: float = 1.0
-        tau: float = 0.5
+    @register("fedprox")
+    class FedProx(FedAvg):
+        config_class = FedProxConfig
 
-        def validate(self) -> None:
-            super().validate()
-            require(self.tau > 0, "moon.tau must be > 0 (the paper uses 0.5).")
-
-    @register("moon")
-    class Moon(BaseAlgorithm):
-        config_class = MoonConfig
-        ...
-
-and add ``from . import moon`` to the explicit list in ``algorithms/__init__.py``. A
-registered class needs only ``config_class`` (a frozen dataclass) and
-``__init__(config, spec)``; subclassing ``BaseAlgorithm`` is optional but gives model
-building, a reusable work model, optimizers, seeded batch generators and ``train``.
+then add the module to the explicit list in ``algorithms/__init__.py``. A registered
+class needs only ``config_class`` (a frozen dataclass) and ``__init__(config, spec)``;
+subclassing ``BaseAlgorithm`` is optional but gives model building, a reusable work
+model, optimizers, seeded batch generators and ``train``. A variant of FedAvg subclasses
+``FedAvg`` and overrides its hooks (see ``fedavg.py``); a method that keeps one model
+training across rounds and exchanges nothing subclasses ``StatefulModelAlgorithm``.
 
 Config values from YAML are coerced where unambiguous: an int for a float field becomes a
 float, and a numeric string becomes a number (PyYAML reads ``1e-3`` as the *string*
@@ -40,7 +34,17 @@ from torch import nn
 
 from ..data import round_generator
 from ..models import MODEL_NAMES, build_model
-from ..protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm, RoundContext
+from ..protocol import (
+    ClientData,
+    ClientState,
+    ConfigurationError,
+    DataSpec,
+    FederatedAlgorithm,
+    Metrics,
+    Payload,
+    RoundContext,
+    ServerState,
+)
 from ..training import (
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -59,6 +63,7 @@ __all__ = [
     "ALGORITHMS",
     "AlgorithmConfig",
     "BaseAlgorithm",
+    "StatefulModelAlgorithm",
     "build_algorithm",
     "register",
     "require",
@@ -311,3 +316,30 @@ class BaseAlgorithm(FederatedAlgorithm):
     def describe(self) -> dict[str, Any]:
         """The algorithm name and its resolved parameters (for MLflow/DVC params)."""
         return {"algorithm": self.name, **self.config.to_params()}
+
+
+class StatefulModelAlgorithm(BaseAlgorithm):
+    """A method whose clients keep one model and its optimizer across rounds and exchange
+    nothing (local-only, centralized): a round is ``local_epochs`` more epochs of one
+    continuous training run, payloads and uploads are empty (0 bytes), and a client's
+    personalized model is its model. Subclasses say where that state lives
+    (``init_server``, ``init_client``) and what the global model is."""
+
+    def training_state(self, seed: int) -> dict[str, Any]:
+        """A freshly initialised model and its optimizer: the state that persists."""
+        model = self.new_model(seed)
+        return {"model": model, "optimizer": self.make_optimizer(model.parameters())}
+
+    def client_update(
+        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
+    ) -> tuple[Payload, ClientState, Metrics]:
+        stats = self.train(state["model"], data, ctx, optimizer=state["optimizer"])
+        return {}, state, stats.as_metrics()
+
+    def aggregate(
+        self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
+    ) -> tuple[Payload, ServerState]:
+        return {}, server_state
+
+    def personalized_model(self, state: ClientState, server_state: ServerState) -> nn.Module:
+        return state["model"]

@@ -11,7 +11,8 @@ server state hold the SAME model object and nothing travels: payloads and upload
 empty and the bytes are 0 (the cost of moving the raw data is not a model-exchange cost
 and is not counted). This in-process sharing is why centralized runs only in the
 simulation, never over a transport. The global model and every hospital's personalized
-model are that one model.
+model are that one model. Training and the empty exchange are ``StatefulModelAlgorithm``'s,
+shared with local-only; only where the state lives differs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..protocol import ClientData, ClientState, ConfigurationError, Metrics, Payload, RoundContext, ServerState
-from .base import AlgorithmConfig, BaseAlgorithm, register
+from ..protocol import ClientData, ClientState, ConfigurationError, Payload, ServerState
+from .base import AlgorithmConfig, StatefulModelAlgorithm, register
 
 __all__ = ["Centralized", "CentralizedConfig"]
 
@@ -32,13 +33,12 @@ class CentralizedConfig(AlgorithmConfig):
 
 
 @register("centralized")
-class Centralized(BaseAlgorithm):
+class Centralized(StatefulModelAlgorithm):
     config_class = CentralizedConfig
     pools_clients = True
 
     def init_server(self, seed: int) -> tuple[ServerState, Payload]:
-        model = self.new_model(seed)
-        self._shared: ServerState = {"model": model, "optimizer": self.make_optimizer(model.parameters())}
+        self._shared: ServerState = self.training_state(seed)
         return self._shared, {}
 
     def init_client(self, client_id: int, data: ClientData, seed: int) -> ClientState:
@@ -47,19 +47,5 @@ class Centralized(BaseAlgorithm):
             raise ConfigurationError("centralized: init_server must run before init_client (in-process only).")
         return shared  # the same dict: data centre == server
 
-    def client_update(
-        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
-    ) -> tuple[Payload, ClientState, Metrics]:
-        stats = self.train(state["model"], data, ctx, optimizer=state["optimizer"])
-        return {}, state, stats.as_metrics()
-
-    def aggregate(
-        self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
-    ) -> tuple[Payload, ServerState]:
-        return {}, server_state
-
     def global_model(self, server_state: ServerState) -> nn.Module | None:
         return server_state["model"]
-
-    def personalized_model(self, state: ClientState, server_state: ServerState) -> nn.Module:
-        return state["model"]

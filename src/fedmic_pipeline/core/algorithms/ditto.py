@@ -2,11 +2,12 @@
 
 Each round a sampled client does two things from the received global model w:
 
-1. the *global* task, exactly FedAvg's local training from w; the result is uploaded and
-   averaged (sample-weighted), so bytes are FedAvg's;
-2. the *personal* task: its private model v_k is trained for ``personal_epochs`` on
-   CE(v_k) + lambda/2 ||v_k - w||^2 (lambda = 0.1), i.e. pulled towards the global model
-   it received this round. v_k never leaves the client and is its personalized model.
+1. the *global* task, exactly FedAvg's local training from w (inherited unchanged); the
+   result is uploaded and averaged (sample-weighted), so bytes are FedAvg's;
+2. the *personal* task (FedAvg's ``after_local_update`` hook): its private model v_k is
+   trained for ``personal_epochs`` on CE(v_k) + lambda/2 ||v_k - w||^2 (lambda = 0.1),
+   i.e. pulled towards the global model it received this round. v_k never leaves the
+   client and is its personalized model; its metrics are those prefixed ``personal_``.
 
 Interpretations recorded here:
 
@@ -27,12 +28,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..data import round_generator
 from ..protocol import ClientData, ClientState, Metrics, Payload, RoundContext, ServerState
-from ..training import parameter_keys, payload_to_state, set_lr, state_to_payload, train_local
+from ..training import TrainStats, payload_to_state, proximal_term, set_lr, train_local
 from .base import AlgorithmConfig, register, require
 from .fedavg import FedAvg
 
@@ -59,30 +59,17 @@ class Ditto(FedAvg):
     def init_client(self, client_id: int, data: ClientData, seed: int) -> ClientState:
         return {"personal": None, "optimizer": None}
 
-    def client_update(
-        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
-    ) -> tuple[Payload, ClientState, Metrics]:
+    def after_local_update(
+        self, state: ClientState, data: ClientData, payload: Payload, upload: Payload, stats: TrainStats, ctx: RoundContext
+    ) -> Metrics:
+        """The personal task, once the global task (FedAvg's local update) gave ``upload``."""
         c: DittoConfig = self.config  # type: ignore[assignment]
-        # 1. global task: FedAvg's local update
-        model = self.scratch_model()
-        payload_to_state(model, payload)
-        stats = self.train(model, data, ctx)
-        upload = state_to_payload(model)
-
-        # 2. personal task: prox to the received global model
         personal: nn.Module | None = state.get("personal")
         if personal is None:
             personal = self.new_model(seed=0)
             payload_to_state(personal, payload)
             state["personal"] = personal
             state["optimizer"] = self.make_optimizer(personal.parameters())
-        anchors = [payload[k].detach() for k in parameter_keys(personal)]
-        lam = c.lam
-
-        def proximal(m: nn.Module, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
-            params = [p for p in m.parameters() if p.requires_grad]  # parameter_keys' order
-            return 0.5 * lam * torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchors)]).sum()
-
         set_lr(state["optimizer"], self.round_lr(ctx))
         p_stats = train_local(
             personal,
@@ -92,14 +79,11 @@ class Ditto(FedAvg):
             optimizer=state["optimizer"],
             generator=round_generator(ctx.seed, ctx.round, data.client_id, _PERSONAL_BATCHES),
             ctx=ctx,
-            extra_loss=proximal if lam > 0 else None,
+            extra_loss=proximal_term(personal, payload, c.lam),
             logit_offset=self.logit_offset(data),
         )
         self.recalibrate(personal, data)
-        metrics = stats.as_metrics()
-        metrics.update(p_stats.as_metrics(prefix="personal_"))
-        metrics["num_samples"] = float(stats.num_samples)  # the global task's samples
-        return upload, state, metrics
+        return {**stats.as_metrics(), **p_stats.as_metrics(prefix="personal_")}
 
     def personalized_model(self, state: ClientState, server_state: ServerState) -> nn.Module:
         personal = state.get("personal")

@@ -9,29 +9,46 @@ state by the mean of the uploads weighted by the clients' training-set sizes (se
 
 The personalized model of FedAvg is the global model itself (FedAvg has no local part).
 Clients are stateless, so ``init_client`` returns an empty dict.
+
+Why two classes: ``FedAvgExchange`` is that round for any model family (the conditional
+generator of ``synthesis/federated.py`` uses it too) and leaves the local update open;
+``FedAvg`` fills it with the classifier's ``train``. Its family (FedProx, MOON, Ditto)
+states only what differs, through two hooks, in the style of FLamby's and pfl-research's
+FedProx: ``local_objective`` (the term added to the local cross-entropy) and
+``after_local_update`` (the client's bookkeeping and extra work once the upload is
+taken, e.g. MOON's previous model, Ditto's personal task).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..protocol import ClientData, ClientState, Metrics, Payload, RoundContext, ServerState
-from ..training import payload_to_state, state_to_payload, weighted_average
+from ..protocol import ClientData, ClientState, FederatedAlgorithm, Metrics, Payload, RoundContext, ServerState
+from ..training import ExtraLoss, TrainStats, payload_to_state, state_to_payload, weighted_average
 from .base import AlgorithmConfig, BaseAlgorithm, register
 
-__all__ = ["FedAvg", "FedAvgConfig"]
+__all__ = ["FedAvg", "FedAvgConfig", "FedAvgExchange"]
 
 
-@dataclass(frozen=True)
-class FedAvgConfig(AlgorithmConfig):
-    """FedAvg has only the common hyper-parameters."""
+class FedAvgExchange(FederatedAlgorithm):
+    """FedAvg's round for any model family; a subclass gives the models and the local update."""
 
+    @abstractmethod
+    def new_model(self, seed: int) -> nn.Module:
+        """A freshly initialised model on ``self.device`` (the server's, at ``init_server``)."""
 
-@register("fedavg")
-class FedAvg(BaseAlgorithm):
-    config_class = FedAvgConfig
+    @abstractmethod
+    def scratch_model(self) -> nn.Module:
+        """A reusable work model on ``self.device``; every entry is overwritten by the payload."""
+
+    @abstractmethod
+    def local_update(
+        self, model: nn.Module, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
+    ) -> tuple[Payload, ClientState, Metrics]:
+        """Train ``model`` (holding ``payload``) on the client; return the upload, state, metrics."""
 
     def init_server(self, seed: int) -> tuple[ServerState, Payload]:
         model = self.new_model(seed)
@@ -45,8 +62,7 @@ class FedAvg(BaseAlgorithm):
     ) -> tuple[Payload, ClientState, Metrics]:
         model = self.scratch_model()
         payload_to_state(model, payload)
-        stats = self.train(model, data, ctx)
-        return state_to_payload(model), state, stats.as_metrics()
+        return self.local_update(model, state, data, payload, ctx)
 
     def aggregate(
         self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
@@ -60,3 +76,32 @@ class FedAvg(BaseAlgorithm):
 
     def personalized_model(self, state: ClientState, server_state: ServerState) -> nn.Module:
         return server_state["model"]
+
+
+@dataclass(frozen=True)
+class FedAvgConfig(AlgorithmConfig):
+    """FedAvg has only the common hyper-parameters."""
+
+
+@register("fedavg")
+class FedAvg(BaseAlgorithm, FedAvgExchange):
+    config_class = FedAvgConfig
+
+    def local_update(
+        self, model: nn.Module, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
+    ) -> tuple[Payload, ClientState, Metrics]:
+        stats = self.train(model, data, ctx, extra_loss=self.local_objective(model, payload, state, ctx))
+        upload = state_to_payload(model)
+        return upload, state, self.after_local_update(state, data, payload, upload, stats, ctx)
+
+    def local_objective(self, model: nn.Module, payload: Payload, state: ClientState, ctx: RoundContext) -> ExtraLoss | None:
+        """The term added to the cross-entropy of this local update, built before training
+        ``model`` (which holds ``payload``); FedAvg adds none."""
+        return None
+
+    def after_local_update(
+        self, state: ClientState, data: ClientData, payload: Payload, upload: Payload, stats: TrainStats, ctx: RoundContext
+    ) -> Metrics:
+        """The client's work once its ``upload`` is taken (``state`` may be updated in place);
+        returns the round's metrics, FedAvg's being the local training's."""
+        return stats.as_metrics()

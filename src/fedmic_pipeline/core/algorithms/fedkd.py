@@ -26,9 +26,6 @@ Interpretations recorded here (beyond FedMIC's):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from ..distillation import ProjectionMode
 from .base import register
 from .fedmic import FedMIC, FedMICConfig
 
@@ -43,8 +40,8 @@ class FedKDConfig(FedMICConfig):
 @register("fedkd")
 class FedKD(FedMIC):
     config_class = FedKDConfig
-    projection_mode: ClassVar[ProjectionMode] = "shared"
-    interpretations: ClassVar[dict[str, str]] = {
+    projection_mode = "shared"
+    interpretations = {
         **FedMIC.interpretations,
         "hidden_loss": "one W_h student->teacher; mentor term trains mentor+W_h, mentee term mentee only",
         "attention_loss": "omitted (transformer-only)",

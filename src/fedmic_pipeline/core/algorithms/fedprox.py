@@ -3,18 +3,18 @@
 The term covers the trainable parameters only (BatchNorm running statistics are not
 optimised, so a proximal pull on them means nothing). mu = 0.01 by default, the value the
 project's baselines use (methods.md section 3). With mu = 0 the term is skipped, which
-makes FedProx exactly FedAvg. Aggregation, payloads and bytes are FedAvg's.
+makes FedProx exactly FedAvg. Aggregation, payloads and bytes are FedAvg's: the method is
+FedAvg with another ``local_objective`` (``training.proximal_term``, shared with Ditto).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from ..protocol import ClientData, ClientState, Metrics, Payload, RoundContext
-from ..training import parameter_keys, payload_to_state, state_to_payload
+from ..protocol import ClientState, Payload, RoundContext
+from ..training import ExtraLoss, proximal_term
 from .base import AlgorithmConfig, register, require
 from .fedavg import FedAvg
 
@@ -34,21 +34,5 @@ class FedProxConfig(AlgorithmConfig):
 class FedProx(FedAvg):
     config_class = FedProxConfig
 
-    def client_update(
-        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
-    ) -> tuple[Payload, ClientState, Metrics]:
-        model = self.scratch_model()
-        payload_to_state(model, payload)
-        mu = self.config.mu  # type: ignore[attr-defined]
-        extra = None
-        if mu > 0:
-            names = parameter_keys(model)
-            anchors = [payload[k].detach() for k in names]
-
-            def proximal(m: nn.Module, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
-                params = [p for p in m.parameters() if p.requires_grad]  # parameter_keys' order
-                return 0.5 * mu * torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
-
-            extra = proximal
-        stats = self.train(model, data, ctx, extra_loss=extra)
-        return state_to_payload(model), state, stats.as_metrics()
+    def local_objective(self, model: nn.Module, payload: Payload, state: ClientState, ctx: RoundContext) -> ExtraLoss | None:
+        return proximal_term(model, payload, self.config.mu)  # type: ignore[attr-defined]

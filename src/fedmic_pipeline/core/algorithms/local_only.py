@@ -5,6 +5,8 @@ that differences come from data, not initialisation. Each client keeps its model
 optimizer across rounds (a round is ``local_epochs`` more epochs of one continuous local
 training run). Payloads and uploads are empty, so 0 bytes travel; there is no global
 model (``global_model`` returns None) and the personalized model is the local model.
+Training and the empty exchange are ``StatefulModelAlgorithm``'s (shared with centralized);
+this class says only where the state lives.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..protocol import ClientData, ClientState, Metrics, Payload, RoundContext, ServerState
-from .base import AlgorithmConfig, BaseAlgorithm, register
+from ..protocol import ClientData, ClientState, Payload, ServerState
+from .base import AlgorithmConfig, StatefulModelAlgorithm, register
 
 __all__ = ["LocalOnly", "LocalOnlyConfig"]
 
@@ -25,29 +27,14 @@ class LocalOnlyConfig(AlgorithmConfig):
 
 
 @register("local_only")
-class LocalOnly(BaseAlgorithm):
+class LocalOnly(StatefulModelAlgorithm):
     config_class = LocalOnlyConfig
 
     def init_server(self, seed: int) -> tuple[ServerState, Payload]:
         return {}, {}
 
     def init_client(self, client_id: int, data: ClientData, seed: int) -> ClientState:
-        model = self.new_model(seed)
-        return {"model": model, "optimizer": self.make_optimizer(model.parameters())}
-
-    def client_update(
-        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
-    ) -> tuple[Payload, ClientState, Metrics]:
-        stats = self.train(state["model"], data, ctx, optimizer=state["optimizer"])
-        return {}, state, stats.as_metrics()
-
-    def aggregate(
-        self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
-    ) -> tuple[Payload, ServerState]:
-        return {}, server_state
+        return self.training_state(seed)
 
     def global_model(self, server_state: ServerState) -> nn.Module | None:
         return None
-
-    def personalized_model(self, state: ClientState, server_state: ServerState) -> nn.Module:
-        return state["model"]

@@ -7,7 +7,9 @@ z_prev (negative):
     l_con = -log( exp(sim(z, z_glob)/tau) / (exp(sim(z, z_glob)/tau) + exp(sim(z, z_prev)/tau)) )
     loss  = CE + mu * l_con,         sim = cosine similarity, mu = 1, tau = 0.5
 
-Payloads, aggregation (sample-weighted) and bytes are FedAvg's.
+Payloads, aggregation (sample-weighted) and bytes are FedAvg's: the method is FedAvg with
+the contrastive term as its ``local_objective`` and, in ``after_local_update``, the
+trained model kept as the next round's negative.
 
 Interpretations recorded here:
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..protocol import ClientData, ClientState, DataSpec, Metrics, Payload, RoundContext
-from ..training import payload_to_state, state_to_payload
+from ..training import ExtraLoss, TrainStats, payload_to_state
 from .base import AlgorithmConfig, register, require
 from .fedavg import FedAvg
 
@@ -79,33 +81,29 @@ class Moon(FedAvg):
     def init_client(self, client_id: int, data: ClientData, seed: int) -> ClientState:
         return {"previous": None}  # the client's last local model (state_dict), private
 
-    def client_update(
-        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
-    ) -> tuple[Payload, ClientState, Metrics]:
+    def local_objective(self, model: nn.Module, payload: Payload, state: ClientState, ctx: RoundContext) -> ExtraLoss | None:
         c: MoonConfig = self.config  # type: ignore[assignment]
-        model = self.scratch_model()
-        payload_to_state(model, payload)
-        extra = None
         previous = state.get("previous")
-        if c.mu > 0 and previous is not None:
-            glob = self._ref("_global_ref")
-            prev = self._ref("_prev_ref")
-            payload_to_state(glob, payload)
-            payload_to_state(prev, previous)
-            glob.train()
-            prev.train()
+        if c.mu <= 0 or previous is None:
+            return None
+        glob = self._ref("_global_ref")
+        prev = self._ref("_prev_ref")
+        payload_to_state(glob, payload)
+        payload_to_state(prev, previous)
+        glob.train()
+        prev.train()
 
-            def contrastive(m: nn.Module, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
-                assert h is not None, "MOON needs a model with features()/classifier"
-                with torch.no_grad():
-                    z_glob = glob.features(x)
-                    z_prev = prev.features(x)
-                return c.mu * model_contrastive_loss(h.float(), z_glob.float(), z_prev.float(), c.tau)
+        def contrastive(m: nn.Module, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+            assert h is not None, "MOON needs a model with features()/classifier"
+            with torch.no_grad():
+                z_glob = glob.features(x)
+                z_prev = prev.features(x)
+            return c.mu * model_contrastive_loss(h.float(), z_glob.float(), z_prev.float(), c.tau)
 
-            extra = contrastive
-        stats = self.train(model, data, ctx, extra_loss=extra)
-        upload = state_to_payload(model)
+        return contrastive
+
+    def after_local_update(
+        self, state: ClientState, data: ClientData, payload: Payload, upload: Payload, stats: TrainStats, ctx: RoundContext
+    ) -> Metrics:
         state["previous"] = {k: v.clone() for k, v in upload.items()}
-        metrics = stats.as_metrics()
-        metrics["contrastive"] = stats.objective - stats.loss
-        return upload, state, metrics
+        return {**stats.as_metrics(), "contrastive": stats.objective - stats.loss}

@@ -12,6 +12,8 @@ streams, validation before the first round, per-round log lines and the exact by
 and down are the same machinery as every classifier method. The runner's evaluation
 hooks assume a classifier, so ``train_generator_federated`` passes no global test set and
 ``evaluate_personalized=False`` (quality is measured separately, by ``quality.py``).
+The round itself is ``algorithms.fedavg.FedAvgExchange`` (the classifiers' FedAvg
+exchange); this module adds only the VAE's local update and the row-weighted embeddings.
 It is deliberately NOT registered in ``algorithms.ALGORITHMS``: it is not a classification
 method and must not appear in the method comparisons.
 
@@ -45,17 +47,8 @@ import torch
 from torch import nn
 
 from ..data import iterate_batches, make_generator, round_generator
-from ..protocol import (
-    ClientData,
-    ClientState,
-    ConfigurationError,
-    DataSpec,
-    FederatedAlgorithm,
-    Metrics,
-    Payload,
-    RoundContext,
-    ServerState,
-)
+from ..algorithms.fedavg import FedAvgExchange
+from ..protocol import ClientData, ClientState, ConfigurationError, DataSpec, Metrics, Payload, RoundContext, ServerState
 from ..simulation import SimulationConfig, run_simulation
 from ..training import make_optimizer, payload_to_state, state_to_payload, weighted_average
 from .generator import RECON_LOSSES, ConditionalVAE, build_generator, vae_loss
@@ -137,8 +130,9 @@ class GeneratorTrainingConfig:
         return out
 
 
-class FedAvgGenerator(FederatedAlgorithm):
-    """FedAvg of a ``ConditionalVAE``; clients are stateless (see the module docstring)."""
+class FedAvgGenerator(FedAvgExchange):
+    """FedAvg of a ``ConditionalVAE``: FedAvg's exchange (stateless clients, full state_dict
+    down and up) with the VAE's local update and row-weighted embeddings (module docstring)."""
 
     name = "fedavg_generator"
 
@@ -149,24 +143,18 @@ class FedAvgGenerator(FederatedAlgorithm):
         self._scratch: ConditionalVAE | None = None
         build_generator(spec, self.num_devices, seed=0, **config.model_options)  # bad options fail now
 
-    def _new(self, seed: int) -> ConditionalVAE:
+    def new_model(self, seed: int) -> ConditionalVAE:
         return build_generator(self.spec, self.num_devices, seed=seed, **self.config.model_options).to(self.device)
 
-    def init_server(self, seed: int) -> tuple[ServerState, Payload]:
-        model = self._new(seed)
-        return {"model": model}, state_to_payload(model)
+    def scratch_model(self) -> ConditionalVAE:
+        if self._scratch is None or next(self._scratch.parameters()).device != self.device:
+            self._scratch = self.new_model(0)
+        return self._scratch
 
-    def init_client(self, client_id: int, data: ClientData, seed: int) -> ClientState:
-        return {}
-
-    def client_update(
-        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
+    def local_update(
+        self, model: nn.Module, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
     ) -> tuple[Payload, ClientState, Metrics]:
         c = self.config
-        if self._scratch is None or next(self._scratch.parameters()).device != self.device:
-            self._scratch = self._new(0)
-        model = self._scratch
-        payload_to_state(model, payload)
         model.train()
         optimizer = make_optimizer(model.parameters(), c.optimizer, c.lr, weight_decay=c.weight_decay)
         batches = round_generator(ctx.seed, ctx.round, data.client_id)
@@ -208,12 +196,6 @@ class FedAvgGenerator(FederatedAlgorithm):
                 mean[key] = _row_weighted_mean([(u[key], u[counts_key]) for u, _ in uploads], current[key])
         payload_to_state(model, mean)
         return mean, server_state
-
-    def global_model(self, server_state: ServerState) -> nn.Module | None:
-        return server_state["model"]
-
-    def personalized_model(self, state: ClientState, server_state: ServerState) -> nn.Module:
-        return server_state["model"]
 
 
 def _row_weighted_mean(pairs: list[tuple[torch.Tensor, torch.Tensor]], current: torch.Tensor) -> torch.Tensor:
