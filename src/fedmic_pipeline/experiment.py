@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedmic_pipeline.core.algorithms import ALGORITHMS, build_algorithm
+from fedmic_pipeline.configuration import EXTRA_TRAINING_DATA, TrainingConfig, algorithm_params_for
+from fedmic_pipeline.core.algorithms import build_algorithm
 from fedmic_pipeline.core.data import to_client_data, to_tensors
 from fedmic_pipeline.core.evaluation import (
     SCALAR_METRICS,
@@ -27,14 +28,11 @@ from fedmic_pipeline.core.evaluation import (
     summarize_sites,
 )
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm
-from fedmic_pipeline.core.simulation import SimulationConfig, SimulationResult, run_simulation
+from fedmic_pipeline.core.simulation import SimulationResult, run_simulation
 
 logger = logging.getLogger(__name__)
 
 ArraysOrLoader = Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
-SIMULATION_KEYS = (
-    "num_rounds", "join_ratio", "seed", "device", "amp", "eval_every", "progress", "num_threads", "min_val_per_class",
-)  # fmt: skip
 
 
 def data_spec(dataset_info: Mapping[str, Any]) -> DataSpec:
@@ -117,9 +115,6 @@ def device_names(global_test_set: Mapping[str, np.ndarray]) -> list[str]:
     return [str(name) for name in np.asarray(global_test_set["device_names"]).tolist()]
 
 
-EXTRA_TRAINING_DATA = ("none", "synthetic", "augmented")
-
-
 def extra_training_sets(
     mode: str,
     client_partitions: Mapping[str, ArraysOrLoader],
@@ -154,39 +149,8 @@ def extra_training_sets(
     return extra
 
 
-def algorithm_params_for(name: str, algorithm_params: Mapping[str, Any]) -> dict[str, Any]:
-    """`common` merged with the method's own block (the method's values win)."""
-    if name not in ALGORITHMS:
-        raise ConfigurationError(f"Unknown algorithm '{name}'. Valid algorithms: {', '.join(sorted(ALGORITHMS))}.")
-    common = dict(algorithm_params.get("common") or {})
-    own = dict(algorithm_params.get(name) or {})
-    return {**common, **own}
-
-
 def make_algorithm(name: str, algorithm_params: Mapping[str, Any], spec: DataSpec) -> FederatedAlgorithm:
     return build_algorithm(name, algorithm_params_for(name, algorithm_params), spec)
-
-
-#: Keys of `params:training` read outside the runner (by the training node and its callers).
-TRAINING_ONLY_KEYS = ("algorithm", "extra_training_data", "checkpoint_dir", "checkpoint_every", "resume")
-
-
-def simulation_config(training: Mapping[str, Any]) -> SimulationConfig:
-    """The runner's settings from `params:training`, refusing keys nobody reads.
-
-    A typo such as `training.num_round=1` would otherwise run the default 20 rounds and
-    exit 0; it is a ConfigurationError naming the key, the block and the valid keys.
-    """
-    unknown = sorted(set(training) - set(SIMULATION_KEYS) - set(TRAINING_ONLY_KEYS))
-    if unknown:
-        raise ConfigurationError(
-            f"Unknown key(s) {unknown} in the `training` block (conf/base/parameters_federated_training.yml). "
-            f"Valid keys: {', '.join(sorted((*SIMULATION_KEYS, *TRAINING_ONLY_KEYS)))}. Fix the spelling, e.g. "
-            "`kedro run --params training.num_rounds=5`."
-        )
-    return SimulationConfig(**{key: training[key] for key in SIMULATION_KEYS if key in training})
-
-
 
 
 def _metrics(model, x, y, num_classes: int, evaluation: Mapping[str, Any], n_bootstrap: int | None = None) -> dict[str, Any]:
@@ -414,7 +378,8 @@ def run_and_evaluate(
     spec = data_spec(dataset_info)
     algorithm = make_algorithm(method, algorithm_params, spec)
     clients = build_clients(client_arrays, extra)
-    result = run_simulation(algorithm, clients, spec, simulation_config(training))
+    config = TrainingConfig.from_params({**training, "algorithm": method})
+    result = run_simulation(algorithm, clients, spec, config.simulation)
     report = evaluate_models(
         global_model=result.global_model(),
         personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},

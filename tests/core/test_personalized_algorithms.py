@@ -149,7 +149,7 @@ def test_fedmic_downlink_delta_reconstructs_the_server_view(clients: list[Client
     server, payload = alg.init_server(seed=0)
     states = {c.client_id: alg.init_client(c.client_id, c, 0) for c in clients}
     for rnd in range(3):
-        ctx = RoundContext(rnd, 3, 0, torch.device("cpu"), extras={"sampled": [0, 1, 2], "num_clients": 3})
+        ctx = RoundContext(rnd, 3, 0, torch.device("cpu"), sampled=(0, 1, 2), num_clients=3)
         if rnd > 0:
             assert int(payload[META_BASE_VERSION]) == rnd - 1 and int(payload[META_VERSION]) == rnd
         uploads = []
@@ -227,6 +227,20 @@ def test_moon_keeps_the_previous_model_and_adds_the_term(clients: list[ClientDat
     assert prev is not None and set(prev) == set(result.last_global_model().state_dict())
 
 
+def test_moon_is_fedavg_plus_its_hooks(clients: list[ClientData], spec: DataSpec) -> None:
+    """With mu = 0 MOON's hook adds no term, so its run is FedAvg's bit for bit, yet its
+    bookkeeping hook still keeps each client's model; with mu > 0 the term changes training."""
+    fedavg = _run("fedavg", clients, spec)
+    moon0 = _run("moon", clients, spec, mu=0.0)
+    moon = _run("moon", clients, spec)
+    keys = ("train_loss", "train_accuracy", "bytes_up", "bytes_down")
+    assert [{k: r[k] for k in keys} for r in moon0.history] == [{k: r[k] for k in keys} for r in fedavg.history]
+    ga, g0, g1 = (r.last_global_model().state_dict() for r in (fedavg, moon0, moon))
+    assert all(torch.equal(ga[k], g0[k]) for k in ga) and not all(torch.equal(ga[k], g1[k]) for k in ga)
+    assert all(m["contrastive"] == 0.0 for r in moon0.history for m in r["client_metrics"])
+    assert all(state["previous"] is not None for state in moon0.client_states.values())
+
+
 def test_ditto_personal_model_stays_local(clients: list[ClientData], spec: DataSpec) -> None:
     ditto = _run("ditto", clients, spec)
     fedavg = _run("fedavg", clients, spec)
@@ -237,6 +251,12 @@ def test_ditto_personal_model_stays_local(clients: list[ClientData], spec: DataS
     personal = ditto.personalized_model(0)
     assert personal is ditto.client_states[0]["personal"] and personal is not ditto.last_global_model()
     assert not torch.equal(personal.state_dict()["classifier.weight"], gd["classifier.weight"])
+    # the personal task runs in FedAvg's after_local_update hook and reports under personal_*
+    for rd, rf in zip(ditto.history, fedavg.history, strict=True):
+        assert rd["train_loss"] == rf["train_loss"]
+        for md, mf in zip(rd["client_metrics"], rf["client_metrics"], strict=True):
+            assert {k: md[k] for k in mf} == mf
+            assert md["personal_num_samples"] > 0 and md["personal_objective"] > md["personal_loss"]
 
 
 # --- distillation step -------------------------------------------------------------

@@ -12,7 +12,7 @@ state) lives in the client state, which never leaves the client.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,16 +60,27 @@ class DataSpec:
     image_size: int = 28
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundContext:
-    """Per-round facts every client and the server may use."""
+    """The facts of one round that every client and the server may use; built once per
+    round by the round engine (``core/engine.py``) and never changed.
+
+    ``sampled`` / ``num_clients``: who takes part this round out of how many (FedMIC's
+    downlink deltas need everyone); ``total_train_samples``: the federation's training
+    size (SCAFFOLD's control-variate weights). They are None where a caller (a unit test,
+    a one-client helper) has no federation; methods then fall back to what they can see.
+    ``amp_dtype``: the autocast dtype under ``use_amp`` (None = the device default).
+    """
 
     round: int
     num_rounds: int
     seed: int
     device: torch.device
     use_amp: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
+    amp_dtype: torch.dtype | None = None
+    sampled: tuple[int, ...] | None = None
+    num_clients: int | None = None
+    total_train_samples: int | None = None
 
 
 def payload_nbytes(payload: Payload) -> int:

@@ -1,7 +1,9 @@
-"""The in-process round runner: any ``FederatedAlgorithm`` over a list of ClientData.
+"""The in-process runner: any ``FederatedAlgorithm`` over a list of ClientData.
 
-One round: sample clients -> each sampled client runs ``client_update`` on the current
-payload -> the server ``aggregate``s the (upload, n_train) pairs -> optional validation.
+The round loop is the engine's (``core/engine.py``); this module supplies the clients as
+an in-process ``Transport`` (``InProcessClients``: ``client_update`` called directly on
+resident tensors, the hospitals' validation splits scored here), the checks that run
+before the first round (``validate_setup``) and the result object.
 
 The runner never sees a test set. Every evaluated round scores the global model and each
 hospital's personalized model on the hospitals' *validation* splits, and a
@@ -28,9 +30,9 @@ The centralized reference (``algorithm.pools_clients``) runs on one pooled "clie
 each hospital's own validation split like every other method's.
 
 Resuming (optional keyword arguments of ``run_simulation``): with ``checkpoint_every`` N
-the runner hands a checkpoint dict (``checkpoint.build_checkpoint``) to ``on_checkpoint``
-after every N-th round (not after the last: the result itself is then returned), before
-``on_round``; ``resume_from`` continues a run from such a dict after checking its
+the runner hands a checkpoint dict (``checkpoint.build_checkpoint``, via the
+``callbacks.Checkpointer``) to ``on_checkpoint`` after every N-th round (not after the
+last: the result itself is then returned), before ``on_round``; ``resume_from`` continues a run from such a dict after checking its
 fingerprint. Because every stream is keyed by (seed, round, client), the resumed rounds
 are the very rounds the uninterrupted run would have trained: the history and models
 end bit-identical on the CPU (timing fields aside).
@@ -41,7 +43,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,10 +51,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import build_checkpoint, check_checkpoint, restore_rng_state, run_fingerprint
-from .data import CLIENT_SAMPLING, amp_dtype, move_client, pool_clients, resolve_amp, resolve_device
+from .callbacks import Checkpointer, OnRound, ProgressBar, RoundLogger, fmt
+from .checkpoint import check_checkpoint, restore_rng_state, run_fingerprint
+from .data import move_client, pool_clients, resolve_amp, resolve_device
+from .engine import (
+    TIMING_KEYS,
+    Callback,
+    ClientUpdate,
+    EngineState,
+    RoundEngine,
+    RoundEvaluation,
+    RoundUpdates,
+    SimulationConfig,
+    history_totals,
+    sample_clients,
+)
 from .evaluation import compute_metrics, predict_proba, summarize_sites
-from .selection import ValidationSelector, balanced_accuracy_from_counts, validation_counts
 from .protocol import (
     ClientData,
     ClientState,
@@ -63,12 +76,13 @@ from .protocol import (
     Payload,
     RoundContext,
     ServerState,
-    payload_nbytes,
 )
+from .selection import ValidationSelector, balanced_accuracy_from_counts, validation_counts
 
 __all__ = [
     "TIMING_KEYS",
     "CheckpointCallback",
+    "InProcessClients",
     "RoundCallback",
     "SimulationConfig",
     "SimulationResult",
@@ -85,61 +99,7 @@ RoundCallback = Callable[[dict[str, Any]], None]
 #: on_checkpoint(checkpoint) receives a checkpoint dict that references live models:
 #: serialise it before returning (``checkpoint.serialize_checkpoint``).
 CheckpointCallback = Callable[[dict[str, Any]], None]
-#: History fields measured by the clock: the only ones that differ between identical runs.
-TIMING_KEYS: tuple[str, ...] = ("train_time_s", "eval_time_s", "samples_per_s")
-_PROGRESS = ("none", "tqdm", "rich")
 _MB = 1024.0 * 1024.0
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    """How the federation runs (the algorithm's own hyper-parameters live in its config).
-
-    join_ratio: the fraction of clients sampled per round, 0 < r <= 1; a round samples
-    max(1, floor(r * K)) clients (McMahan et al.'s C). eval_every: score the global and
-    the personalized models on the validation splits every that many rounds (and always
-    after the last); only scored rounds can be selected. amp: 'auto' = autocast on CUDA only. num_threads: if set,
-    ``torch.set_num_threads`` for the run (a process-wide setting, so it is opt-in).
-    """
-
-    num_rounds: int = 10
-    join_ratio: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    eval_every: int = 1
-    eval_batch_size: int = 1024
-    evaluate_global: bool = True
-    evaluate_personalized: bool = True
-    progress: str = "none"
-    min_train_samples: int = 2
-    num_threads: int | None = None
-    min_val_per_class: int = 5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
-            raise ConfigurationError(f"num_rounds must be an integer >= 1, got {self.num_rounds!r}.")
-        if not isinstance(self.join_ratio, (int, float)) or not 0.0 < float(self.join_ratio) <= 1.0:
-            raise ConfigurationError(
-                f"join_ratio must be in (0, 1] (the fraction of clients sampled per round), got {self.join_ratio!r}."
-            )
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigurationError(f"seed must be an integer >= 0, got {self.seed!r}.")
-        if not isinstance(self.eval_every, int) or self.eval_every < 1:
-            raise ConfigurationError(f"eval_every must be an integer >= 1, got {self.eval_every!r}.")
-        if self.eval_batch_size < 1:
-            raise ConfigurationError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}.")
-        if self.progress not in _PROGRESS:
-            raise ConfigurationError(f"progress must be one of {', '.join(_PROGRESS)}, got '{self.progress}'.")
-        if self.min_train_samples < 1:
-            raise ConfigurationError(f"min_train_samples must be >= 1, got {self.min_train_samples}.")
-        if not isinstance(self.min_val_per_class, int) or self.min_val_per_class < 1:
-            raise ConfigurationError(f"min_val_per_class must be an integer >= 1, got {self.min_val_per_class!r}.")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigurationError(f"num_threads must be >= 1 or null, got {self.num_threads}.")
-        resolve_device(self.device)  # unknown names and missing CUDA fail here, not mid-run
-        if str(self.amp).lower() not in ("auto", "on", "off"):
-            raise ConfigurationError(f"amp must be 'auto', 'on' or 'off', got '{self.amp}'.")
 
 
 @dataclass
@@ -177,55 +137,19 @@ class SimulationResult:
         return ValidationSelector.materialise(model, self.selector.personal_best.get(client_id))
 
     def series(self, key: str) -> list[Any]:
-        """One history column, e.g. ``series('global_test_accuracy')`` for a curve."""
+        """One history column, e.g. ``series('global_val_balanced_accuracy')`` for a curve."""
         return [record.get(key) for record in self.history]
 
     def totals(self) -> dict[str, Any]:
-        """Run-level numbers: bytes in each direction, dense bytes, final accuracies."""
-        up = sum(r["bytes_up_total"] for r in self.history)
-        down = sum(r["bytes_down_total"] for r in self.history)
-        dense = sum(r["bytes_dense_total"] for r in self.history)
-        last_global = next(
-            (r["global_val_balanced_accuracy"] for r in reversed(self.history) if r["global_val_balanced_accuracy"] is not None),
-            None,
-        )
-        last_pers = next(
-            (
-                r["personalized_val_balanced_accuracy"]
-                for r in reversed(self.history)
-                if r["personalized_val_balanced_accuracy"] is not None
-            ),
-            None,
-        )
-        selection = self.selector.summary()
-        return {
-            "algorithm": self.algorithm.name,
-            "rounds": len(self.history),
-            "bytes_up_total": up,
-            "bytes_down_total": down,
-            "bytes_total": up + down,
-            "bytes_dense_total": dense,
-            "compression_ratio": (dense / (up + down)) if up + down > 0 else None,
-            "last_global_val_balanced_accuracy": last_global,
-            "last_personalized_val_balanced_accuracy": last_pers,
-            "selected_global_round": selection["global_round"],
-            "selected_global_val_balanced_accuracy": selection["global_val_balanced_accuracy"],
-            "wall_time_s": self.wall_time_s,
-        }
+        """Run-level numbers: bytes in each direction, dense bytes, last and selected scores."""
+        state = EngineState(
+            server_state=self.server_state, payload={}, history=self.history, selector=self.selector,
+            elapsed_s=self.wall_time_s,
+        )  # fmt: skip
+        return history_totals(self.algorithm.name, state)
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
-
-
-def sample_clients(client_ids: Sequence[int], join_ratio: float, seed: int, round_idx: int) -> list[int]:
-    """The sorted ids sampled in ``round_idx``: max(1, floor(join_ratio * K)) without
-    replacement from a numpy Generator seeded by (seed, round, tag); all when that is K."""
-    ids = list(client_ids)
-    m = max(1, math.floor(join_ratio * len(ids) + 1e-9))
-    if m >= len(ids):
-        return sorted(ids)
-    rng = np.random.default_rng([seed, round_idx, CLIENT_SAMPLING])
-    return sorted(ids[i] for i in rng.choice(len(ids), size=m, replace=False))
 
 
 def _check_tensors(x: torch.Tensor, y: torch.Tensor, spec: DataSpec, what: str) -> None:
@@ -285,41 +209,59 @@ def validate_setup(
         raise ConfigurationError(f"progress: '{config.progress}' is not installed; use progress: none.")
 
 
-class _Progress:
-    """A thin switch over no bar, tqdm or rich (imported lazily, only when asked for)."""
+class InProcessClients:
+    """The clients of this process as the engine's ``Transport``.
 
-    def __init__(self, kind: str, total: int, label: str) -> None:
-        self._bar: Any = None
-        self._rich: Any = None
-        if kind == "tqdm":
-            from tqdm.auto import tqdm
+    ``train`` calls each sampled client's ``client_update`` on its resident tensors;
+    ``evaluate`` scores the global model on every hospital's validation split (pooled
+    confusion counts) and each hospital's personalized model on its own, offering the
+    personalized models to the selector (the engine offers the global one).
+    """
 
-            self._bar = tqdm(total=total, desc=label, unit="round")
-        elif kind == "rich":
-            from rich.progress import Progress
+    def __init__(
+        self,
+        algorithm: FederatedAlgorithm,
+        participants: Sequence[ClientData],
+        hospitals: Sequence[ClientData],
+        states: dict[int, ClientState],
+        spec: DataSpec,
+        config: SimulationConfig,
+        pooled: bool,
+    ) -> None:
+        self.algorithm = algorithm
+        self.by_id = {c.client_id: c for c in participants}
+        self.hospitals = list(hospitals)
+        self.states = states
+        self.spec = spec
+        self.config = config
+        self.pooled_id = participants[0].client_id if pooled else None
 
-            self._rich = Progress()
-            self._rich.start()
-            self._task = self._rich.add_task(label, total=total)
+    def train(self, ctx: RoundContext, payload: Payload) -> RoundUpdates:
+        updates = []
+        for cid in ctx.sampled or ():
+            data = self.by_id[cid]
+            upload, self.states[cid], metrics = self.algorithm.client_update(self.states[cid], data, payload, ctx)
+            updates.append(ClientUpdate(cid, upload, data.num_train, metrics))
+        return RoundUpdates(updates=updates, num_sent=len(updates))
 
-    def update(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix_str(text, refresh=False)
-            self._bar.update(1)
-        elif self._rich is not None:
-            self._rich.update(self._task, advance=1, description=text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self._rich is not None:
-            self._rich.stop()
-
-
-def _weighted_mean(values: list[float | None], weights: list[int]) -> float | None:
-    pairs = [(v, w) for v, w in zip(values, weights, strict=True) if v is not None and not math.isnan(v)]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total > 0 else None
+    def evaluate(self, ctx: RoundContext, server_state: ServerState, selector: ValidationSelector) -> RoundEvaluation:
+        k, batch = self.spec.num_classes, self.config.eval_batch_size
+        global_counts = None
+        model = self.algorithm.global_model(server_state) if self.config.evaluate_global else None
+        if model is not None:
+            global_counts = sum(validation_counts(model, c.val_x, c.val_y, k, batch)[0] for c in self.hospitals)
+        if not self.config.evaluate_personalized:
+            return RoundEvaluation(global_counts=global_counts)
+        accuracy, balanced = [], []
+        for c in self.hospitals:
+            state = self.states[self.pooled_id if self.pooled_id is not None else c.client_id]
+            pmodel = self.algorithm.personalized_model(state, server_state)
+            counts, nll = validation_counts(pmodel, c.val_x, c.val_y, k, batch)
+            n = int(counts.sum())
+            accuracy.append(float(np.trace(counts)) / n if n else math.nan)
+            balanced.append(balanced_accuracy_from_counts(counts) if n else math.nan)
+            selector.offer_personal(c.client_id, ctx.round, counts, nll, pmodel)
+        return RoundEvaluation(global_counts, accuracy, balanced)
 
 
 def run_simulation(
@@ -333,6 +275,7 @@ def run_simulation(
     on_checkpoint: CheckpointCallback | None = None,
     resume_from: Mapping[str, Any] | None = None,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> SimulationResult:
     """Run ``config.num_rounds`` rounds of ``algorithm``; return the history and states.
 
@@ -341,19 +284,13 @@ def run_simulation(
     checkpoint dict, e.g. ``checkpoint.deserialize_checkpoint`` of a saved file) continues
     that run after round ``rounds_completed``, raising ``CheckpointMismatchError`` when its
     fingerprint (algorithm parameters, runner settings, data hashes, ``fingerprint_extra``)
-    differs from this run's.
+    differs from this run's. ``callbacks`` run after the standard ones (round log,
+    progress bar, checkpoints) and before ``on_round``.
 
-    Each history record holds: ``round`` (0-based), ``sampled`` (client ids, [-1] for the
-    pooled centralized client), ``bytes_up``/``bytes_down`` (per sampled client, same
-    order), ``bytes_dense_per_client`` (FedAvg's size of the shared model, one direction),
-    their ``*_total``s (dense total = both directions for every sampled client),
-    ``train_loss``/``train_accuracy`` (sample-weighted over the sampled clients),
-    ``client_metrics``, ``lr`` (the round's scheduled rate), ``global_val_accuracy`` and
-    ``global_val_balanced_accuracy`` (the global model on the pooled validation splits;
-    None when not evaluated or no global model), ``personalized_val_accuracy`` and
-    ``personalized_val_balanced_accuracy`` (unweighted means over hospitals of their
-    personalized model on their own validation split) with ``_per_client`` lists,
-    ``train_time_s``, ``eval_time_s`` and ``samples_per_s``.
+    Each history record is an ``engine.RoundRecord`` as a dict: ``round`` (0-based),
+    ``sampled`` (client ids, [-1] for the pooled centralized client), the exact bytes,
+    the sample-weighted train loss/accuracy, ``lr``, the validation scores of the global
+    and personalized models (None on rounds not scored) and the timings.
     """
     validate_setup(algorithm, clients, spec, config)
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0:
@@ -367,208 +304,77 @@ def run_simulation(
     use_amp = resolve_amp(config.amp, device)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    originals = [move_client(c, device) for c in clients]
+    hospitals = [move_client(c, device) for c in clients]
     pooled = bool(getattr(algorithm, "pools_clients", False))
-    participants = [pool_clients(originals)] if pooled else originals
-    by_id = {c.client_id: c for c in participants}
-    extras = {
-        "num_clients": len(originals),
-        "total_train_samples": sum(c.num_train for c in participants),
-        "amp_dtype": amp_dtype(device) if use_amp else None,
-    }
+    participants = [pool_clients(hospitals)] if pooled else hospitals
     algorithm.to(device)
     logger.info(
         "%s: %d rounds, %d clients%s, join ratio %.2f, device %s%s, seed %d",
-        algorithm.name, config.num_rounds, len(originals), " (pooled)" if pooled else "",
+        algorithm.name, config.num_rounds, len(hospitals), " (pooled)" if pooled else "",
         config.join_ratio, device, " + AMP" if use_amp else "", config.seed,
     )  # fmt: skip
-
-    start = time.perf_counter()
-    first_round, elapsed_before = 0, 0.0
-    selector = ValidationSelector(config.min_val_per_class)
-    if resume_from is None:
-        server_state, payload = algorithm.init_server(config.seed)
-        states: dict[int, ClientState] = {c.client_id: algorithm.init_client(c.client_id, c, config.seed) for c in participants}
-        history: list[dict[str, Any]] = []
-    else:
-        check_checkpoint(resume_from, fingerprint or {}, client_ids=list(by_id))
-        server_state, payload = resume_from["server_state"], resume_from["payload"]
-        states, history = dict(resume_from["client_states"]), list(resume_from["history"])
-        first_round, elapsed_before = int(resume_from["rounds_completed"]), float(resume_from.get("elapsed_s", 0.0))
-        restore_rng_state(resume_from.get("rng", {}))
-        selector.load_state_dict(resume_from.get("selection") or {})
-        logger.info("%s: resuming after round %d of %d from a checkpoint", algorithm.name, first_round, config.num_rounds)
-    progress = _Progress(config.progress, config.num_rounds - first_round, algorithm.name)
-    try:
-        for rnd in range(first_round, config.num_rounds):
-            ctx = RoundContext(
-                round=rnd, num_rounds=config.num_rounds, seed=config.seed, device=device, use_amp=use_amp, extras=dict(extras)
-            )
-            sampled = sorted(by_id) if pooled else sample_clients(sorted(by_id), config.join_ratio, config.seed, rnd)
-            ctx.extras["sampled"] = list(sampled)
-            record, payload, server_state = _train_round(algorithm, by_id, sampled, states, payload, server_state, ctx)
-            if (rnd + 1) % config.eval_every == 0 or rnd == config.num_rounds - 1:
-                pers_state = states[participants[0].client_id] if pooled else None
-                record.update(
-                    _validate_round(algorithm, server_state, states, originals, spec, config, pers_state, selector, rnd)
-                )
-            history.append(record)
-            _log_round(record, config.num_rounds, algorithm.name)
-            progress.update(_short(record))
-            if checkpoint_every > 0 and (rnd + 1) % checkpoint_every == 0 and rnd + 1 < config.num_rounds:
-                on_checkpoint(  # type: ignore[misc]  # checked above
-                    build_checkpoint(
-                        fingerprint=fingerprint or {}, rounds_completed=rnd + 1, num_rounds=config.num_rounds,
-                        algorithm_name=algorithm.name, payload=payload, server_state=server_state,
-                        client_states=states, history=history, elapsed_s=elapsed_before + time.perf_counter() - start,
-                        selection=selector.state_dict(),
-                    )  # fmt: skip
-                )
-            if on_round is not None:
-                on_round(record)
-    finally:
-        progress.close()
-    wall = elapsed_before + time.perf_counter() - start
+    standard: list[Callback] = [RoundLogger(), ProgressBar(config.progress)]
+    if checkpoint_every > 0:
+        standard.append(Checkpointer(checkpoint_every, on_checkpoint, fingerprint or {}))  # type: ignore[arg-type]
+    extra = [*callbacks, *([OnRound(on_round)] if on_round is not None else [])]
+    state = _initial_state(algorithm, participants, config, resume_from, fingerprint)
+    transport = InProcessClients(algorithm, participants, hospitals, state.client_states, spec, config, pooled)
+    engine = RoundEngine(
+        algorithm, config, transport, {c.client_id: c.num_train for c in participants},
+        device=device, use_amp=use_amp, pooled=pooled, num_clients=len(hospitals), callbacks=[*standard, *extra],
+    )  # fmt: skip
+    resumed_after = state.rounds_completed if resume_from is not None else None
+    state = engine.run(state)
     result = SimulationResult(
         algorithm=algorithm,
         config=config,
-        history=history,
-        server_state=server_state,
-        client_states=states,
-        client_ids=[c.client_id for c in originals],
+        history=state.history,
+        server_state=state.server_state,
+        client_states=state.client_states,
+        client_ids=[c.client_id for c in hospitals],
         pooled=pooled,
-        wall_time_s=wall,
-        extras={"resumed_after_round": first_round} if resume_from is not None else {},
-        selector=selector,
+        wall_time_s=state.elapsed_s,
+        extras={"resumed_after_round": resumed_after} if resumed_after is not None else {},
+        selector=state.selector,
     )
     totals = result.totals()
     logger.info(
         "%s done in %.1fs: %.2f MB up, %.2f MB down (dense %.2f MB); global model of round %s selected on validation "
         "(balanced accuracy %s, last round %s)",
-        algorithm.name, wall, totals["bytes_up_total"] / _MB, totals["bytes_down_total"] / _MB,
+        algorithm.name, state.elapsed_s, totals["bytes_up_total"] / _MB, totals["bytes_down_total"] / _MB,
         totals["bytes_dense_total"] / _MB, totals["selected_global_round"] or "-",
-        _fmt(totals["selected_global_val_balanced_accuracy"]), _fmt(totals["last_global_val_balanced_accuracy"]),
+        fmt(totals["selected_global_val_balanced_accuracy"]), fmt(totals["last_global_val_balanced_accuracy"]),
     )  # fmt: skip
     return result
 
 
-def _train_round(
+def _initial_state(
     algorithm: FederatedAlgorithm,
-    by_id: dict[int, ClientData],
-    sampled: list[int],
-    states: dict[int, ClientState],
-    payload: Payload,
-    server_state: ServerState,
-    ctx: RoundContext,
-) -> tuple[dict[str, Any], Payload, ServerState]:
-    """One round of client updates and aggregation; ``states`` is updated in place."""
-    t0 = time.perf_counter()
-    down = payload_nbytes(payload)
-    uploads: list[tuple[Payload, int]] = []
-    bytes_up: list[int] = []
-    client_metrics: list[dict[str, Any]] = []
-    for cid in sampled:
-        data = by_id[cid]
-        upload, states[cid], metrics = algorithm.client_update(states[cid], data, payload, ctx)
-        uploads.append((upload, data.num_train))
-        bytes_up.append(payload_nbytes(upload))
-        client_metrics.append({"client_id": cid, "num_train": data.num_train, **metrics})
-    payload, server_state = algorithm.aggregate(server_state, uploads, ctx)
-    train_time = time.perf_counter() - t0
-    dense = int(algorithm.payload_bytes_dense(server_state))
-    weights = [m["num_train"] for m in client_metrics]
-    seen = int(sum(m.get("num_samples", 0.0) for m in client_metrics))
-    record: dict[str, Any] = {
-        "round": ctx.round,
-        "sampled": list(sampled),
-        "bytes_up": bytes_up,
-        "bytes_down": [down] * len(sampled),
-        "bytes_dense_per_client": dense,
-        "bytes_up_total": sum(bytes_up),
-        "bytes_down_total": down * len(sampled),
-        "bytes_dense_total": 2 * dense * len(sampled),
-        "train_loss": _weighted_mean([m.get("loss") for m in client_metrics], weights),
-        "train_accuracy": _weighted_mean([m.get("accuracy") for m in client_metrics], weights),
-        "client_metrics": client_metrics,
-        "lr": algorithm.round_lr(ctx) if hasattr(algorithm, "round_lr") else None,
-        "global_val_accuracy": None,
-        "global_val_balanced_accuracy": None,
-        "personalized_val_accuracy": None,
-        "personalized_val_balanced_accuracy": None,
-        "personalized_val_accuracy_per_client": None,
-        "personalized_val_balanced_accuracy_per_client": None,
-        "train_time_s": train_time,
-        "eval_time_s": 0.0,
-        "samples_per_s": seen / train_time if train_time > 0 and seen else None,
-    }
-    return record, payload, server_state
-
-
-def _validate_round(
-    algorithm: FederatedAlgorithm,
-    server_state: ServerState,
-    states: dict[int, ClientState],
-    originals: Sequence[ClientData],
-    spec: DataSpec,
+    participants: Sequence[ClientData],
     config: SimulationConfig,
-    pooled_state: ClientState | None,
-    selector: ValidationSelector,
-    round_idx: int,
-) -> dict[str, Any]:
-    """The global model on the pooled validation splits and every hospital's personalized
-    model on its own; offers both to the selector (see ``core/selection.py``)."""
-    t1 = time.perf_counter()
-    out: dict[str, Any] = {}
-    k, batch = spec.num_classes, config.eval_batch_size
-    model = algorithm.global_model(server_state) if config.evaluate_global else None
-    if model is not None:
-        pooled = sum(validation_counts(model, c.val_x, c.val_y, k, batch)[0] for c in originals)
-        total = int(pooled.sum())
-        out["global_val_accuracy"] = float(np.trace(pooled)) / total if total else None
-        out["global_val_balanced_accuracy"] = balanced_accuracy_from_counts(pooled) if total else None
-        if total:
-            selector.offer_global(round_idx, out["global_val_balanced_accuracy"], model)
-    if config.evaluate_personalized:
-        accuracy, balanced = [], []
-        for c in originals:
-            state = pooled_state if pooled_state is not None else states[c.client_id]
-            pmodel = algorithm.personalized_model(state, server_state)
-            counts, nll = validation_counts(pmodel, c.val_x, c.val_y, k, batch)
-            n = int(counts.sum())
-            accuracy.append(float(np.trace(counts)) / n if n else math.nan)
-            balanced.append(balanced_accuracy_from_counts(counts) if n else math.nan)
-            selector.offer_personal(c.client_id, round_idx, counts, nll, pmodel)
-        out["personalized_val_accuracy_per_client"] = accuracy
-        out["personalized_val_balanced_accuracy_per_client"] = balanced
-        out["personalized_val_accuracy"] = _nan_mean(accuracy)
-        out["personalized_val_balanced_accuracy"] = _nan_mean(balanced)
-    out["eval_time_s"] = time.perf_counter() - t1
-    return out
-
-
-def _nan_mean(values: list[float]) -> float | None:
-    valid = [v for v in values if not math.isnan(v)]
-    return sum(valid) / len(valid) if valid else None
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _short(record: dict[str, Any]) -> str:
-    loss, acc, val = record["train_loss"], record["train_accuracy"], record["global_val_balanced_accuracy"]
-    return f"loss {_fmt(loss, '.4f')} acc {_fmt(acc)} val bal {_fmt(val)}"
-
-
-def _log_round(record: dict[str, Any], num_rounds: int, name: str) -> None:
-    logger.info(
-        "%s round %d/%d | clients %s | loss %s acc %s | up %.3f MB down %.3f MB | val balanced acc: global %s, "
-        "personalized %s | %.2fs",
-        name, record["round"] + 1, num_rounds, record["sampled"], _fmt(record["train_loss"], ".4f"),
-        _fmt(record["train_accuracy"]), record["bytes_up_total"] / _MB, record["bytes_down_total"] / _MB,
-        _fmt(record["global_val_balanced_accuracy"]), _fmt(record["personalized_val_balanced_accuracy"]),
-        record["train_time_s"],
-    )  # fmt: skip
+    resume_from: Mapping[str, Any] | None,
+    fingerprint: Mapping[str, Any] | None,
+) -> EngineState:
+    """A fresh run's state, or the checkpoint's after checking it belongs to this run."""
+    selector = ValidationSelector(config.min_val_per_class)
+    if resume_from is None:
+        server_state, payload = algorithm.init_server(config.seed)
+        states = {c.client_id: algorithm.init_client(c.client_id, c, config.seed) for c in participants}
+        return EngineState(server_state=server_state, payload=payload, client_states=states, selector=selector)
+    check_checkpoint(resume_from, fingerprint or {}, client_ids=[c.client_id for c in participants])
+    restore_rng_state(resume_from.get("rng", {}))
+    selector.load_state_dict(resume_from.get("selection") or {})
+    rounds_completed = int(resume_from["rounds_completed"])
+    logger.info("%s: resuming after round %d of %d from a checkpoint", algorithm.name, rounds_completed, config.num_rounds)
+    return EngineState(
+        server_state=resume_from["server_state"],
+        payload=resume_from["payload"],
+        client_states=dict(resume_from["client_states"]),
+        history=list(resume_from["history"]),
+        selector=selector,
+        rounds_completed=rounds_completed,
+        elapsed_s=float(resume_from.get("elapsed_s", 0.0)),
+    )
 
 
 def evaluate_result(

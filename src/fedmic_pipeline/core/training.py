@@ -50,6 +50,7 @@ __all__ = [
     "parameter_keys",
     "recalibrate_batchnorm",
     "payload_to_state",
+    "proximal_term",
     "state_to_payload",
     "train_local",
     "weighted_average",
@@ -127,11 +128,11 @@ def make_optimizer(
 
 
 def autocast(ctx: RoundContext) -> contextlib.AbstractContextManager:
-    """Autocast on CUDA when ``ctx.use_amp`` (dtype ``ctx.extras['amp_dtype']`` or the
+    """Autocast on CUDA when ``ctx.use_amp`` (dtype ``ctx.amp_dtype`` or the
     device default: bf16 where supported, else fp16); a no-op context otherwise."""
     if not ctx.use_amp or ctx.device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = ctx.extras.get("amp_dtype") or amp_dtype(ctx.device)
+    dtype = ctx.amp_dtype or amp_dtype(ctx.device)
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
@@ -139,7 +140,7 @@ def make_grad_scaler(ctx: RoundContext) -> torch.amp.GradScaler | None:
     """A GradScaler only for fp16 autocast (bf16 has fp32's range and needs none)."""
     if not ctx.use_amp or ctx.device.type != "cuda":
         return None
-    dtype = ctx.extras.get("amp_dtype") or amp_dtype(ctx.device)
+    dtype = ctx.amp_dtype or amp_dtype(ctx.device)
     return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
@@ -238,6 +239,25 @@ def train_local(
         num_samples=seen,
         num_steps=steps,
     )
+
+
+def proximal_term(model: nn.Module, anchor: Payload, mu: float) -> ExtraLoss | None:
+    """``extra_loss`` mu/2 ||w - w_anchor||^2 over ``model``'s trainable parameters; None if mu <= 0.
+
+    FedProx's proximal term and Ditto's regulariser. Only trainable parameters are pulled
+    (BatchNorm running statistics are not optimised, so a pull on them means nothing);
+    the anchor tensors are ``anchor``'s entries under ``parameter_keys(model)``, detached.
+    With mu = 0 no term at all is added, so training is bit for bit the plain one.
+    """
+    if mu <= 0:
+        return None
+    anchors = [anchor[k].detach() for k in parameter_keys(model)]
+
+    def proximal(m: nn.Module, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        params = [p for p in m.parameters() if p.requires_grad]  # parameter_keys' order
+        return 0.5 * mu * torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
+
+    return proximal
 
 
 @torch.no_grad()

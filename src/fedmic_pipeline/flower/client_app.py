@@ -14,8 +14,9 @@ Three message types, all answered from the node's OWN partition (node config
   partition id)`` and the results match it -- stores the new private state back into
   ``context.state`` and replies ``upload`` (ArrayRecord) and ``metrics`` (MetricRecord:
   the core's metrics, ``num-train`` and the core's byte count ``payload-nbytes``).
-* ``evaluate``: the personalized model's accuracy on the node's validation split. The
-  core's ``personalized_model(state, server_state)`` may read ``server_state['model']``
+* ``evaluate``: the global model's confusion counts on the node's validation split
+  (``global-val-counts``, row-major k x k; the server pools them) and the personalized
+  model's accuracy and balanced accuracy there. The core's ``personalized_model(state, server_state)`` may read ``server_state['model']``
   (FedAvg, SCAFFOLD, Ditto before its first round); the server therefore sends its
   global model (``global-model`` ArrayRecord + recipe) and the node passes a server view
   holding just that model. A method that needs more of the server state (FedBN's
@@ -94,18 +95,17 @@ class _NodeRound:
             num_rounds=int(cfg["num-rounds"]), seed=int(cfg["seed"]), device=str(cfg["device"]), amp=str(cfg["amp"])
         )
         validate_setup(self.algorithm, [self.data], self.spec, sim)  # shapes/labels vs the server's DataSpec
+        sampled = tuple(int(i) for i in cfg["sampled"])
         self.ctx = RoundContext(
             round=int(cfg["round"]),
             num_rounds=int(cfg["num-rounds"]),
             seed=int(cfg["seed"]),
             device=self.device,
             use_amp=use_amp,
-            extras={
-                "num_clients": int(cfg["num-clients"]),
-                "total_train_samples": int(cfg["total-train-samples"]),
-                "amp_dtype": amp_dtype(self.device) if use_amp else None,
-                "sampled": [int(i) for i in cfg["sampled"]],
-            },
+            amp_dtype=amp_dtype(self.device) if use_amp else None,
+            sampled=sampled or None,
+            num_clients=int(cfg["num-clients"]) or None,
+            total_train_samples=int(cfg["total-train-samples"]) or None,
         )
 
     @property
@@ -213,31 +213,41 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Accuracy of this node's personalized model on its validation split."""
-    from ..core.evaluation import accuracy_of
+    """The global model's confusion counts and the personalized model's scores on this
+    node's validation split (the server pools the counts and selects on them)."""
+    import numpy as np
+
     from ..core.models import build_model
+    from ..core.selection import balanced_accuracy_from_counts, validation_counts
 
     node_round = _NodeRound(message, context)
     cfg = node_round.config
+    data, k, batch = node_round.data, node_round.spec.num_classes, int(cfg["eval-batch-size"])
     view = _ServerView()
+    metrics: dict[str, Any] = {"partition-id": node_round.partition_id, "num-val": int(data.val_y.shape[0])}
     if task.GLOBAL_MODEL_KEY in message.content:
         recipe = json.loads(str(cfg["global-model-recipe"]))
         model = build_model(recipe["architecture"], node_round.spec, seed=0, **recipe["kwargs"])
         model.load_state_dict(record_to_payload(message.content[task.GLOBAL_MODEL_KEY]))
         view["model"] = model.to(node_round.device)
+        counts, _ = validation_counts(view["model"], data.val_x, data.val_y, k, batch)
+        metrics["global-val-counts"] = [int(v) for v in counts.reshape(-1)]
+    if not bool(cfg.get("evaluate-personalized", True)):
+        return Message(RecordDict({task.METRICS_KEY: MetricRecord(metrics)}), reply_to=message)
     state = node_round.client_state()
-    metrics: dict[str, float] = {"partition-id": node_round.partition_id, "num-val": int(node_round.data.val_y.shape[0])}
     try:
         personal = node_round.algorithm.personalized_model(state, view)
     except ServerStateUnavailable as exc:
         logger.warning(
             "evaluate: %s's personalized model needs server state %s that the Flower transport does not carry; "
-            "personalized_val_accuracy is not reported for it.",
+            "its personalized validation scores are not reported.",
             node_round.algorithm_name, exc,
         )  # fmt: skip
         metrics["personalized-unavailable"] = 1
     else:
-        metrics["personalized_val_accuracy"] = accuracy_of(
-            personal, node_round.data.val_x, node_round.data.val_y, int(cfg["eval-batch-size"])
-        )
+        counts, _ = validation_counts(personal, data.val_x, data.val_y, k, batch)
+        n = int(counts.sum())
+        if n:
+            metrics["personalized_val_accuracy"] = float(np.trace(counts)) / n
+            metrics["personalized_val_balanced_accuracy"] = balanced_accuracy_from_counts(counts)
     return Message(RecordDict({task.METRICS_KEY: MetricRecord(metrics)}), reply_to=message)

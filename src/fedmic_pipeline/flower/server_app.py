@@ -1,28 +1,28 @@
-"""The ServerApp: the in-process runner's round loop, with Flower carrying the payloads.
+"""The ServerApp: the round engine with Flower carrying the payloads.
 
 One run (``@app.main()``):
 
 1. wait for ``min-nodes`` SuperNodes, send them a ``query`` and map each node's
-   ``partition-id`` to its node id (and learn every partition's training-set size);
-2. build the algorithm from the run config (``core.algorithms.build_algorithm``) and call
-   the core's ``init_server(seed)``;
-3. every round: ``core.simulation.sample_clients(partitions, join_ratio, seed, round)``
-   (so the same seed samples the same partitions as the in-process runner), send each
-   sampled node a ``train`` message with the payload, collect the uploads, order them by
-   partition id and call the core's ``aggregate``; at evaluation rounds compute the
-   global model's accuracy on the global test set and (optionally) ask every node for
-   its personalized validation accuracy;
-4. save the final global model (``core.models.model_record`` + ``torch.save``) and a
-   JSON summary (history, totals, wire sizes) to ``output-dir``.
+   ``partition-id`` to its node id and training-set size (``messaging.NodeMessenger``);
+2. build the algorithm from the run config (``core.algorithms.build_algorithm``);
+3. run the core's ``RoundEngine`` -- the same loop, sampling, aggregation, byte counts,
+   evaluation schedule and validation selection as the in-process runner -- over
+   ``FlowerClients``, the transport that sends each sampled node a ``train`` message with
+   the payload and, at evaluation rounds, every node an ``evaluate`` message with the
+   global model: each node answers the global model's confusion counts on its validation
+   split (pooled here into ``global_val_balanced_accuracy``, on which the global model is
+   selected) and its personalized model's validation scores. The server holds no test set;
+   test-set evaluation happens in the Kedro evaluation pipeline;
+4. save the selected global model (``global_model.pt``) and the last round's
+   (``global_model_last.pt``) with ``core.models.model_record``, and a JSON summary
+   (history, totals, selection, wire sizes) to ``output-dir``, rewritten after every round.
 
-History records have the in-process runner's keys (``bytes_up_total``,
-``bytes_down_total``, ``train_loss``, ``global_test_accuracy``, ...; see
-``core.simulation.run_simulation``) -- the byte counts are the core's ``payload_nbytes``
-of the very dicts that travelled -- plus the transport's own: ``wire_bytes_up`` /
-``wire_bytes_down`` (serialized Flower objects per message, ``records.message_wire_nbytes``),
-``wire_payload_bytes_up`` / ``wire_payload_bytes_down`` (the payload ArrayRecord alone),
-``arrays_up`` / ``arrays_down``, ``participants``, ``failed`` and ``round_time_s``. They go to MLflow under
-the same metric names and steps (1-based round) when a tracking URI is configured.
+History records are ``core.engine.RoundRecord``s (the in-process keys) plus the
+transport's own: ``wire_bytes_up`` / ``wire_bytes_down`` (serialized Flower messages,
+``records.message_wire_nbytes``), ``wire_payload_bytes_up`` / ``wire_payload_bytes_down``
+(the payload ArrayRecord alone), ``arrays_up`` / ``arrays_down``, ``participants``,
+``failed``, ``num_failed`` and ``wire_bytes_eval_total``. They go to MLflow under the same
+metric names and steps (``tracking.round_metrics``) when a tracking URI is configured.
 
 Node failures: a node whose ClientApp raised (a Flower error reply), that did not reply
 within ``round-timeout`` seconds, or that left the SuperLink, is a failure.
@@ -39,18 +39,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from . import task
+from .messaging import NodeFailureError, NodeMessenger
 from .records import message_wire_nbytes, payload_to_record, record_to_payload, wire_nbytes
 
-__all__ = ["FlowerServer", "NodeFailureError", "app", "global_model_record", "message_config"]
+__all__ = ["FlowerClients", "FlowerServer", "NodeFailureError", "app", "global_model_record", "message_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,35 +59,8 @@ app = ServerApp()
 
 SUMMARY_FILE = "flower_summary.json"
 MODEL_FILE = "global_model.pt"
-_POLL_S = 0.25
-_MEMBERSHIP_CHECK_S = 1.0
+LAST_MODEL_FILE = "global_model_last.pt"
 _MB = 1024.0 * 1024.0
-
-
-class NodeFailureError(RuntimeError):
-    """A node failed and ``on-node-failure`` is ``stop`` (or no node is left)."""
-
-
-@dataclass
-class PartitionNode:
-    """One hospital as the server knows it: its partition, Flower node id and sizes."""
-
-    partition_id: int
-    node_id: int
-    num_train: int
-    num_val: int
-    num_test: int
-    failed_in: str | None = None
-
-
-@dataclass
-class Exchange:
-    """The outcome of sending one message per key: replies and failures by key."""
-
-    replies: dict[int, Message] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)
-    wire_sent: dict[int, int] = field(default_factory=dict)
-    unanswered: list[int] = field(default_factory=list)
 
 
 def _jsonable(value: Any) -> Any:
@@ -109,24 +83,23 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def message_config(
-    cfg: task.ServerRunConfig, spec: Any, *, rnd: int, sampled: list[int], num_clients: int, total_train_samples: int
-) -> dict[str, Any]:
+def message_config(cfg: task.ServerRunConfig, spec: Any, ctx: Any) -> dict[str, Any]:
     """The ``config`` ConfigRecord of a train/evaluate message: everything a node needs to
-    rebuild the server's algorithm and the in-process runner's ``RoundContext``."""
+    rebuild the server's algorithm and the round's ``RoundContext``."""
     return {
         "algorithm": cfg.algorithm,
         "algorithm-params": json.dumps(cfg.algorithm_params, sort_keys=True),
         **task.spec_to_config(spec),
-        "round": rnd,
+        "round": ctx.round,
         "num-rounds": cfg.num_rounds,
         "seed": cfg.seed,
         "device": cfg.device,
         "amp": cfg.amp,
         "eval-batch-size": cfg.eval_batch_size,
-        "num-clients": num_clients,
-        "total-train-samples": total_train_samples,
-        "sampled": [int(p) for p in sampled],
+        "evaluate-personalized": cfg.evaluate_personalized,
+        "num-clients": int(ctx.num_clients or 0),
+        "total-train-samples": int(ctx.total_train_samples or 0),
+        "sampled": [int(p) for p in ctx.sampled or ()],
     }
 
 
@@ -139,270 +112,32 @@ def global_model_record(model: Any) -> tuple[str, ArrayRecord]:
     return recipe, payload_to_record(saved["state_dict"])
 
 
-def _describe_error(reply: Message) -> str:
-    """A Flower error reply in words: who failed (the node, its ClientApp) and why."""
-    from flwr.common.constant import ErrorCode
+class FlowerClients:
+    """The hospitals' SuperNodes as the round engine's ``Transport``."""
 
-    code, reason = reply.error.code, reply.error.reason
-    if code == ErrorCode.NODE_UNAVAILABLE:
-        return f"the node became unavailable: it left the SuperLink or stopped sending heartbeats (Flower: {reason})"
-    if code in (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.CLIENT_APP_CRASHED, ErrorCode.LOAD_CLIENT_APP_EXCEPTION):
-        return f"its ClientApp failed (Flower error {code}): {reason}"
-    return f"Flower error {code}: {reason}"
-
-
-def _weighted_mean(values: list[float | None], weights: list[int]) -> float | None:
-    pairs = [(v, w) for v, w in zip(values, weights, strict=True) if v is not None and not math.isnan(v)]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total > 0 else None
-
-
-class _MlflowLog:
-    """Per-round metrics with the in-process runner's names and steps (``step`` = the
-    1-based round, as ``experiment.history_table`` logs them); a no-op without a URI."""
-
-    #: history keys logged every round (None values are skipped)
-    ROUND_METRICS = (
-        "bytes_up_total", "bytes_down_total", "bytes_dense_total", "bytes_dense_per_client", "train_loss",
-        "train_accuracy", "global_test_accuracy", "personalized_val_accuracy", "train_time_s", "eval_time_s",
-        "samples_per_s", "wire_bytes_up_total", "wire_bytes_down_total", "wire_bytes_eval_total", "round_time_s",
-        "num_failed",
-    )  # fmt: skip
-
-    def __init__(self, uri: str | None, experiment: str) -> None:
-        self.uri = uri
-        self.experiment = experiment
-        self._mlflow: Any = None
-        self.run_id: str | None = None
-
-    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-        if not self.uri:
-            logger.info("MLflow logging is off (mlflow-tracking-uri = none).")
-            return
-        import mlflow
-
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.experiment)
-        run = mlflow.start_run(run_name=run_name, tags=dict(tags))
-        self.run_id = run.info.run_id
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-        logger.info("MLflow: run %s in experiment '%s' at %s", self.run_id, self.experiment, self.uri)
-
-    def log_round(self, record: Mapping[str, Any]) -> None:
-        """Step = the 1-based round, as the Kedro pipeline's history table logs it."""
-        if self._mlflow is None:
-            return
-        metrics = {k: float(record[k]) for k in self.ROUND_METRICS if record.get(k) is not None}
-        metrics["num_sampled"] = float(len(record["sampled"]))
-        self._mlflow.log_metrics(metrics, step=int(record["round"]) + 1)
-
-    def finish(self, totals: Mapping[str, Any], status: str, artifacts: Iterable[Path] = ()) -> None:
-        if self._mlflow is None:
-            return
-        numeric = {f"total/{k}": float(v) for k, v in totals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._mlflow.log_metrics(numeric)
-        for path in artifacts:
-            if path.is_file():
-                self._mlflow.log_artifact(str(path))
-        self._mlflow.end_run(status=status)
-
-
-class FlowerServer:
-    """The round loop of one Flower run over ``grid`` (see the module docstring)."""
-
-    def __init__(self, grid: Grid, cfg: task.ServerRunConfig, flower_run_id: int = 0) -> None:
-        import torch
-
-        from ..core.data import resolve_amp, resolve_device
-
-        self.grid = grid
+    def __init__(self, messenger: NodeMessenger, cfg: task.ServerRunConfig, spec: Any, algorithm: Any, device: Any) -> None:
+        self.messenger = messenger
         self.cfg = cfg
-        self.flower_run_id = flower_run_id
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        self.device = resolve_device(cfg.device)
-        self.use_amp = resolve_amp(cfg.amp, self.device)
-        self.spec = task.load_data_spec(cfg.data_dir)
-        self.algorithm = task.build_algorithm_for(cfg.algorithm, cfg.algorithm_params, self.spec, self.device)
-        self.test = task.load_global_test(cfg.data_dir, self.device)
-        self.partitions: dict[int, PartitionNode] = {}
-        self.history: list[dict[str, Any]] = []
-        self.output_dir = cfg.output_dir
-        self.mlflow = _MlflowLog(cfg.mlflow_tracking_uri, cfg.mlflow_experiment)
-        self.status = "starting"
-        self.error: str | None = None
-        self.started = time.perf_counter()
+        self.spec = spec
+        self.algorithm = algorithm
+        self.device = device
 
-    # -- messaging ---------------------------------------------------------------------
-    def _exchange(
-        self, messages: dict[int, Message], timeout: float, enough: Callable[[dict[int, Message]], bool] | None = None
-    ) -> Exchange:
-        """Push one message per key, pull replies until all arrived or ``timeout`` (or
-        until ``enough(replies)``: the still pending keys then go to ``unanswered``)."""
-        out = Exchange()
-        if not messages:
-            return out
-        keys = list(messages)
-        for key in keys:
-            out.wire_sent[key] = int(message_wire_nbytes(messages[key]))
-        ids = list(self.grid.push_messages([messages[k] for k in keys]))
-        pending: dict[str, int] = {}
-        for key, message_id in zip(keys, ids, strict=True):
-            if message_id is None:
-                out.failures[key] = "the SuperLink did not accept the message"
-            else:
-                pending[message_id] = key
-        deadline = time.monotonic() + timeout
-        next_membership_check = time.monotonic() + _MEMBERSHIP_CHECK_S
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
-                key = pending.pop(reply.metadata.reply_to_message_id, None)
-                if key is None:
-                    continue
-                if reply.has_error():
-                    out.failures[key] = _describe_error(reply)
-                else:
-                    out.replies[key] = reply
-            if pending and enough is not None and enough(out.replies):
-                out.unanswered.extend(pending.values())
-                pending.clear()
-                break
-            if pending and time.monotonic() >= next_membership_check:
-                # A SuperNode that shuts down (SIGTERM, Ctrl-C) deactivates itself at once;
-                # one that crashes (SIGKILL, power loss) stays "online" until its heartbeat
-                # expires (~60 s in Flower 1.41), so only the timeout catches it.
-                online = {int(n) for n in self.grid.get_node_ids()}
-                for message_id, key in list(pending.items()):
-                    if messages[key].metadata.dst_node_id not in online:
-                        del pending[message_id]
-                        out.failures[key] = "the node left the SuperLink while its message was pending"
-                next_membership_check = time.monotonic() + _MEMBERSHIP_CHECK_S
-            if pending:
-                time.sleep(_POLL_S)
-        for key in pending.values():
-            out.failures[key] = f"no reply within {timeout:.0f}s (round-timeout): the node is down, killed or too slow"
-        return out
+    @property
+    def partitions(self) -> Mapping[int, Any]:
+        return self.messenger.partitions
 
-    def _handle_failures(self, stage: str, failures: Mapping[int, str], remaining: int) -> None:
-        """Apply ``on-node-failure`` to the failures of one exchange."""
-        if not failures:
-            return
-        lines = []
-        for pid, reason in sorted(failures.items()):
-            node = self.partitions.get(pid)
-            node_txt = f"node {node.node_id}" if node is not None else "node ?"
-            lines.append(f"{node_txt} (partition {pid}) failed in {stage}: {reason}")
-            if node is not None:
-                node.failed_in = stage
-        if self.cfg.on_node_failure == "stop":
-            raise NodeFailureError("; ".join(lines) + ". Stopping the run (on-node-failure = stop).")
-        for line in lines:
-            logger.warning("%s. Continuing with the %d remaining node(s) (on-node-failure = continue).", line, remaining)
-        if remaining == 0:
-            raise NodeFailureError(f"No node replied in {stage}: " + "; ".join(lines))
+    def _message(self, pid: int, content: Mapping[str, Any], kind: str, ctx: Any) -> Message:
+        return Message(RecordDict(dict(content)), self.partitions[pid].node_id, kind, group_id=str(ctx.round))
 
-    def _base_config(self, rnd: int, sampled: list[int]) -> dict[str, Any]:
-        return message_config(
-            self.cfg,
-            self.spec,
-            rnd=rnd,
-            sampled=sampled,
-            num_clients=len(self.partitions),
-            total_train_samples=sum(p.num_train for p in self.partitions.values()),
-        )
+    def train(self, ctx: Any, payload: dict[str, Any]) -> Any:
+        """Send the payload to the sampled, live nodes; their uploads as ``ClientUpdate``s."""
+        from ..core.engine import ClientUpdate, RoundUpdates
+        from ..core.protocol import payload_nbytes
 
-    # -- setup -------------------------------------------------------------------------
-    def _wait_for_nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.cfg.node_wait_timeout
-        while True:
-            nodes = sorted(int(n) for n in self.grid.get_node_ids())
-            if len(nodes) >= self.cfg.min_nodes:
-                return nodes
-            if time.monotonic() >= deadline:
-                raise NodeFailureError(
-                    f"Only {len(nodes)} of min-nodes={self.cfg.min_nodes} SuperNodes connected within "
-                    f"{self.cfg.node_wait_timeout:.0f}s (node-wait-timeout). Start more SuperNodes or lower min-nodes."
-                )
-            time.sleep(0.5)
-
-    def _query_partitions(self, nodes: list[int]) -> None:
-        """Ask every connected node for its partition id and sizes.
-
-        Stops waiting once the declared ``num-partitions`` are all mapped, so a stale node
-        (crashed, still listed until its heartbeat expires) costs no time. Nodes that do
-        not answer are left out with a warning while ``min-nodes`` remain;
-        ``on-node-failure`` governs failures during the rounds.
-        """
-        messages = {n: Message(RecordDict({task.CONFIG_KEY: ConfigRecord({})}), n, "query") for n in nodes}
-
-        def all_mapped(replies: dict[int, Message]) -> bool:
-            infos = [r.content[task.CONFIG_KEY] for r in replies.values()]
-            declared = max((int(i["num-partitions"]) for i in infos), default=0)
-            return declared > 0 and {int(i["partition-id"]) for i in infos} >= set(range(declared))
-
-        exchange = self._exchange(messages, self.cfg.node_wait_timeout, enough=all_mapped)
-        if exchange.unanswered:
-            logger.info(
-                "Nodes %s had not answered when every partition was mapped; they are left out.", sorted(exchange.unanswered)
-            )
-        if exchange.failures:
-            failures = "; ".join(f"node {n}: {r}" for n, r in sorted(exchange.failures.items()))
-            if len(exchange.replies) < self.cfg.min_nodes:
-                raise NodeFailureError(
-                    f"Only {len(exchange.replies)} nodes answered the partition query (min-nodes={self.cfg.min_nodes}): "
-                    f"{failures}."
-                )
-            logger.warning("Nodes failed the partition query and are left out: %s.", failures)
-        declared: set[int] = set()
-        for node_id, reply in sorted(exchange.replies.items()):
-            info = reply.content[task.CONFIG_KEY]
-            pid = int(info["partition-id"])
-            if pid in self.partitions:
-                raise NodeFailureError(
-                    f"Partition {pid} is served by two nodes ({self.partitions[pid].node_id} and {node_id}); "
-                    "give every SuperNode its own partition-id."
-                )
-            self.partitions[pid] = PartitionNode(pid, node_id, int(info["num-train"]), int(info["num-val"]), int(info["num-test"]))
-            if int(info["num-partitions"]) > 0:
-                declared.add(int(info["num-partitions"]))
-        if len(declared) > 1:
-            logger.warning("Nodes disagree on num-partitions: %s.", sorted(declared))
-        if declared and max(declared) != len(self.partitions):
-            logger.warning(
-                "%d of %d partitions are connected (%s): sampling draws from these only, so results differ from an "
-                "in-process run over all %d.", len(self.partitions), max(declared), sorted(self.partitions), max(declared),
-            )  # fmt: skip
-        logger.info(
-            "Partitions -> nodes: %s",
-            ", ".join(f"{p.partition_id}->{p.node_id} ({p.num_train} train)" for p in self.partitions.values()),
-        )
-
-    # -- rounds ------------------------------------------------------------------------
-    def _train_round(self, rnd: int, payload: dict[str, Any], server_state: Any) -> tuple[dict[str, Any], Any, Any]:
-        from ..core.protocol import RoundContext, payload_nbytes
-        from ..core.data import amp_dtype
-        from ..core.simulation import sample_clients
-
-        t0 = time.perf_counter()
-        sampled = sample_clients(sorted(self.partitions), self.cfg.join_ratio, self.cfg.seed, rnd)
-        ctx = RoundContext(
-            round=rnd,
-            num_rounds=self.cfg.num_rounds,
-            seed=self.cfg.seed,
-            device=self.device,
-            use_amp=self.use_amp,
-            extras={
-                "num_clients": len(self.partitions),
-                "total_train_samples": sum(p.num_train for p in self.partitions.values()),
-                "amp_dtype": amp_dtype(self.device) if self.use_amp else None,
-                "sampled": list(sampled),
-            },
-        )
-        online = {int(n) for n in self.grid.get_node_ids()}
+        online = self.messenger.online()
         skipped: dict[int, str] = {}
         targets: list[int] = []
-        for pid in sampled:
+        for pid in ctx.sampled:
             node = self.partitions[pid]
             if node.failed_in is not None:
                 skipped[pid] = f"excluded since it failed in {node.failed_in}"
@@ -410,30 +145,13 @@ class FlowerServer:
                 skipped[pid] = "it is no longer connected to the SuperLink"
             else:
                 targets.append(pid)
-        down = payload_nbytes(payload)
         payload_record = payload_to_record(payload)
-        wire_payload_down = int(wire_nbytes(payload_record))
-        config = self._base_config(rnd, sampled)
-        messages = {
-            pid: Message(
-                RecordDict({task.CONFIG_KEY: ConfigRecord(config), task.PAYLOAD_KEY: payload_record}),
-                self.partitions[pid].node_id,
-                "train",
-                group_id=str(rnd),
-            )
-            for pid in targets
-        }
-        exchange = self._exchange(messages, self.cfg.round_timeout)
+        content = {task.CONFIG_KEY: ConfigRecord(message_config(self.cfg, self.spec, ctx)), task.PAYLOAD_KEY: payload_record}
+        exchange = self.messenger.exchange({pid: self._message(pid, content, "train", ctx) for pid in targets}, self.cfg.round_timeout)
         failures = {**skipped, **exchange.failures}
         participants = sorted(exchange.replies)
-        self._handle_failures(f"round {rnd + 1} (train)", failures, remaining=len(participants))
-
-        uploads: list[tuple[dict[str, Any], int]] = []
-        bytes_up: list[int] = []
-        wire_up: list[int] = []
-        wire_payload_up: list[int] = []
-        arrays_up: list[int] = []
-        client_metrics: list[dict[str, Any]] = []
+        self.messenger.handle_failures(f"round {ctx.round + 1} (train)", failures, remaining=len(participants))
+        updates, wire_up, wire_payload_up, arrays_up = [], [], [], []
         for pid in participants:
             reply = exchange.replies[pid]
             upload = record_to_payload(reply.content[task.UPLOAD_KEY], self.device)
@@ -441,7 +159,7 @@ class FlowerServer:
             node = self.partitions[pid]
             if int(metrics.get("num-train", node.num_train)) != node.num_train:
                 raise NodeFailureError(
-                    f"Partition {pid} reported {metrics['num-train']} training samples in round {rnd + 1} but "
+                    f"Partition {pid} reported {metrics['num-train']} training samples in round {ctx.round + 1} but "
                     f"{node.num_train} in the query; its data changed during the run."
                 )
             nbytes = payload_nbytes(upload)
@@ -450,38 +168,13 @@ class FlowerServer:
                     f"Partition {pid}: the upload has {nbytes} payload bytes on arrival but {metrics['payload-nbytes']} "
                     "when sent; the transport altered it."
                 )
-            uploads.append((upload, node.num_train))
-            bytes_up.append(nbytes)
+            metrics["reply-transit-s"] = max(0.0, time.time() - reply.metadata.created_at)
+            updates.append(ClientUpdate(pid, upload, node.num_train, {"node_id": node.node_id, **metrics}))
             wire_up.append(int(message_wire_nbytes(reply)))
             wire_payload_up.append(int(wire_nbytes(reply.content[task.UPLOAD_KEY])))
             arrays_up.append(len(upload))
-            metrics["reply-transit-s"] = max(0.0, time.time() - reply.metadata.created_at)
-            client_metrics.append({"client_id": pid, "node_id": node.node_id, "num_train": node.num_train, **metrics})
-        payload, server_state = self.algorithm.aggregate(server_state, uploads, ctx)
-        train_time = time.perf_counter() - t0
-        dense = int(self.algorithm.payload_bytes_dense(server_state))
-        weights = [m["num_train"] for m in client_metrics]
-        seen = int(sum(m.get("num_samples", 0.0) for m in client_metrics))
         wire_down = [exchange.wire_sent[p] for p in targets]
-        record: dict[str, Any] = {
-            "round": rnd,
-            "sampled": list(sampled),
-            "bytes_up": bytes_up,
-            "bytes_down": [down] * len(targets),
-            "bytes_dense_per_client": dense,
-            "bytes_up_total": sum(bytes_up),
-            "bytes_down_total": down * len(targets),
-            "bytes_dense_total": dense * (len(targets) + len(participants)),
-            "train_loss": _weighted_mean([m.get("loss") for m in client_metrics], weights),
-            "train_accuracy": _weighted_mean([m.get("accuracy") for m in client_metrics], weights),
-            "client_metrics": client_metrics,
-            "global_test_accuracy": None,
-            "personalized_val_accuracy": None,
-            "personalized_val_accuracy_per_client": None,
-            "train_time_s": train_time,
-            "eval_time_s": 0.0,
-            "samples_per_s": seen / train_time if train_time > 0 and seen else None,
-            # the transport's own numbers
+        transport = {
             "participants": participants,
             "failed": [
                 {"partition_id": p, "node_id": self.partitions[p].node_id, "reason": r} for p, r in sorted(failures.items())
@@ -490,79 +183,105 @@ class FlowerServer:
             "wire_bytes_up": wire_up,
             "wire_bytes_down": wire_down,
             "wire_payload_bytes_up": wire_payload_up,
-            "wire_payload_bytes_down": [wire_payload_down] * len(targets),
+            "wire_payload_bytes_down": [int(wire_nbytes(payload_record))] * len(targets),
             "arrays_up": arrays_up,
             "arrays_down": len(payload_record),
             "wire_bytes_up_total": sum(wire_up),
             "wire_bytes_down_total": sum(wire_down),
             "wire_bytes_eval_total": 0,
         }
-        return record, payload, server_state
+        return RoundUpdates(updates=updates, num_sent=len(targets), transport=transport)
 
-    def _evaluate(self, rnd: int, server_state: Any) -> dict[str, Any]:
-        from ..core.evaluation import accuracy_of
+    def evaluate(self, ctx: Any, server_state: Any, selector: Any) -> Any:
+        """Every live node scores the global model and its personalized model on its own
+        validation split; the global model's counts are pooled here."""
+        from ..core.engine import RoundEvaluation
 
-        t1 = time.perf_counter()
-        out: dict[str, Any] = {}
         model = self.algorithm.global_model(server_state)
-        if self.test is not None and model is not None:
-            out["global_test_accuracy"] = accuracy_of(model, self.test[0], self.test[1], self.cfg.eval_batch_size)
-        if self.cfg.evaluate_personalized:
-            config = self._base_config(rnd, [])
-            content: dict[str, Any] = {}
-            if model is not None:
-                recipe, content[task.GLOBAL_MODEL_KEY] = global_model_record(model)
-                config["global-model-recipe"] = recipe
-            online = {int(n) for n in self.grid.get_node_ids()}
-            live = [p for p, n in sorted(self.partitions.items()) if n.failed_in is None and n.node_id in online]
-            messages = {
-                pid: Message(
-                    RecordDict({task.CONFIG_KEY: ConfigRecord(config), **content}),
-                    self.partitions[pid].node_id,
-                    "evaluate",
-                    group_id=str(rnd),
-                )
-                for pid in live
-            }
-            exchange = self._exchange(messages, self.cfg.round_timeout)
-            self._handle_failures(f"round {rnd + 1} (evaluate)", exchange.failures, remaining=len(exchange.replies))
-            per_client: list[float | None] = []
-            for pid in sorted(self.partitions):
-                reply = exchange.replies.get(pid)
-                metrics = dict(reply.content[task.METRICS_KEY]) if reply is not None else {}
-                per_client.append(metrics.get("personalized_val_accuracy"))
-            valid = [a for a in per_client if a is not None and not math.isnan(a)]
-            out["personalized_val_accuracy_per_client"] = per_client
-            out["personalized_val_accuracy"] = sum(valid) / len(valid) if valid else None
-            out["wire_bytes_eval_total"] = sum(exchange.wire_sent.values()) + sum(
-                int(message_wire_nbytes(r)) for r in exchange.replies.values()
-            )
-        out["eval_time_s"] = time.perf_counter() - t1
-        return out
+        if model is None and not self.cfg.evaluate_personalized:
+            return RoundEvaluation()
+        config = message_config(self.cfg, self.spec, ctx)
+        content: dict[str, Any] = {}
+        if model is not None:
+            recipe, content[task.GLOBAL_MODEL_KEY] = global_model_record(model)
+            config["global-model-recipe"] = recipe
+        content[task.CONFIG_KEY] = ConfigRecord(config)
+        live = self.messenger.live_partitions()
+        exchange = self.messenger.exchange({pid: self._message(pid, content, "evaluate", ctx) for pid in live}, self.cfg.round_timeout)
+        self.messenger.handle_failures(f"round {ctx.round + 1} (evaluate)", exchange.failures, remaining=len(exchange.replies))
+        k = self.spec.num_classes
+        counts = np.zeros((k, k), dtype=np.int64) if model is not None else None
+        accuracy: list[float] = []
+        balanced: list[float] = []
+        for pid in sorted(self.partitions):
+            reply = exchange.replies.get(pid)
+            metrics = dict(reply.content[task.METRICS_KEY]) if reply is not None else {}
+            if counts is not None and "global-val-counts" in metrics:
+                counts += np.asarray(metrics["global-val-counts"], dtype=np.int64).reshape(k, k)
+            accuracy.append(float(metrics.get("personalized_val_accuracy", math.nan)))
+            balanced.append(float(metrics.get("personalized_val_balanced_accuracy", math.nan)))
+        wire = sum(exchange.wire_sent.values()) + sum(int(message_wire_nbytes(r)) for r in exchange.replies.values())
+        personalized = self.cfg.evaluate_personalized
+        return RoundEvaluation(
+            global_counts=counts,
+            personalized_accuracy=accuracy if personalized else None,
+            personalized_balanced_accuracy=balanced if personalized else None,
+            transport={"wire_bytes_eval_total": wire},
+        )
 
-    # -- the run -----------------------------------------------------------------------
+
+class FlowerServer:
+    """One Flower run over ``grid``: connect the nodes, run the engine, save the results."""
+
+    def __init__(self, grid: Grid, cfg: task.ServerRunConfig, flower_run_id: int = 0) -> None:
+        import torch
+
+        from ..core.data import resolve_amp, resolve_device
+        from ..tracking.round_metrics import MlflowRoundLogger
+
+        self.cfg = cfg
+        self.flower_run_id = flower_run_id
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        self.use_amp = resolve_amp(cfg.amp, self.device)
+        self.spec = task.load_data_spec(cfg.data_dir)
+        self.algorithm = task.build_algorithm_for(cfg.algorithm, cfg.algorithm_params, self.spec, self.device)
+        self.messenger = NodeMessenger(
+            grid, min_nodes=cfg.min_nodes, node_wait_timeout=cfg.node_wait_timeout, on_node_failure=cfg.on_node_failure
+        )
+        self.state: Any = None
+        self.output_dir = cfg.output_dir
+        self.mlflow = MlflowRoundLogger(cfg.mlflow_tracking_uri, cfg.mlflow_experiment)
+        self.status = "starting"
+        self.error: str | None = None
+        self.started = time.perf_counter()
+
+    @property
+    def partitions(self) -> Mapping[int, Any]:
+        return self.messenger.partitions
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.state.history if self.state is not None else []
+
     def totals(self) -> dict[str, Any]:
-        up = sum(r["bytes_up_total"] for r in self.history)
-        down = sum(r["bytes_down_total"] for r in self.history)
+        """The engine's run totals plus the wire's (bytes as serialized, overhead, round time)."""
+        from ..core.engine import EngineState, history_totals
+
+        state = self.state or EngineState(server_state={}, payload={})
+        out = history_totals(self.cfg.algorithm, state)
+        up, down = out["bytes_up_total"], out["bytes_down_total"]
         wire_up = sum(r["wire_bytes_up_total"] for r in self.history)
         wire_down = sum(r["wire_bytes_down_total"] for r in self.history)
-        dense = sum(r["bytes_dense_total"] for r in self.history)
-        last_global = next((r["global_test_accuracy"] for r in reversed(self.history) if r["global_test_accuracy"] is not None), None)
-        return {
-            "algorithm": self.cfg.algorithm,
-            "rounds": len(self.history),
-            "bytes_up_total": up,
-            "bytes_down_total": down,
-            "bytes_total": up + down,
-            "bytes_dense_total": dense,
-            "compression_ratio": dense / (up + down) if up + down > 0 else None,
-            "wire_bytes_up_total": wire_up,
-            "wire_bytes_down_total": wire_down,
-            "wire_overhead_ratio": (wire_up + wire_down) / (up + down) if up + down > 0 else None,
-            "final_global_test_accuracy": last_global,
-            "mean_round_time_s": (sum(r["round_time_s"] for r in self.history) / len(self.history)) if self.history else None,
-            "wall_time_s": time.perf_counter() - self.started,
-        }
+        out.update(
+            wire_bytes_up_total=wire_up,
+            wire_bytes_down_total=wire_down,
+            wire_overhead_ratio=(wire_up + wire_down) / (up + down) if up + down > 0 else None,
+            mean_round_time_s=(sum(r["round_time_s"] for r in self.history) / len(self.history)) if self.history else None,
+            wall_time_s=time.perf_counter() - self.started,
+        )
+        return out
 
     def _summary(self) -> dict[str, Any]:
         return {
@@ -578,15 +297,38 @@ class FlowerServer:
                 str(p.partition_id): {"node_id": p.node_id, "num_train": p.num_train, "failed_in": p.failed_in}
                 for p in self.partitions.values()
             },
+            "selection": self.state.selector.summary() if self.state is not None else None,
             "totals": self.totals(),
             "history": self.history,
         }
 
+    def _write_summary(self) -> None:
+        _write_json(self.output_dir / SUMMARY_FILE, self._summary())
+
+    def _save_models(self) -> None:
+        import torch
+
+        from ..core.models import model_record
+        from ..core.selection import ValidationSelector
+
+        last = self.algorithm.global_model(self.state.server_state)
+        if last is None:
+            return
+        torch.save(model_record(last), self.output_dir / LAST_MODEL_FILE)
+        selected = ValidationSelector.materialise(last, self.state.selector.global_best)
+        torch.save(model_record(selected), self.output_dir / MODEL_FILE)
+        logger.info(
+            "Global model of round %s (selected on validation) saved to %s, the last round's to %s",
+            self.state.selector.summary()["global_round"] or "-", self.output_dir / MODEL_FILE,
+            self.output_dir / LAST_MODEL_FILE,
+        )  # fmt: skip
+
     def run(self) -> dict[str, Any]:
         """Run every round; returns the summary (also written to ``output-dir``)."""
+        from ..core.callbacks import OnRound, RoundLogger
+        from ..core.engine import RoundEngine
+
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        summary_path = self.output_dir / SUMMARY_FILE
-        model_path = self.output_dir / MODEL_FILE
         describe = getattr(self.algorithm, "describe", lambda: {"algorithm": self.cfg.algorithm})
         mlflow_status = "FAILED"
         try:
@@ -596,39 +338,25 @@ class FlowerServer:
                 tags={"runner": "flower", "flower.run_id": str(self.flower_run_id), "algorithm": self.cfg.algorithm},
             )
             self.status = "waiting-for-nodes"
-            _write_json(summary_path, self._summary())
-            self._query_partitions(self._wait_for_nodes())
-            server_state, payload = self.algorithm.init_server(self.cfg.seed)
+            self._write_summary()
+            partitions = self.messenger.connect()
+            engine = RoundEngine(
+                self.algorithm, self.cfg.simulation_config(),
+                FlowerClients(self.messenger, self.cfg, self.spec, self.algorithm, self.device),
+                {pid: node.num_train for pid, node in partitions.items()},
+                device=self.device, use_amp=self.use_amp,
+                callbacks=[RoundLogger(), self.mlflow, OnRound(lambda record: self._write_summary())],
+            )  # fmt: skip
+            self.state = engine.start()
             self.status = "running"
-            _write_json(summary_path, self._summary())
+            self._write_summary()
             logger.info(
                 "%s over Flower: %d rounds, %d partitions, join ratio %.2f, seed %d, on-node-failure=%s",
-                self.cfg.algorithm, self.cfg.num_rounds, len(self.partitions), self.cfg.join_ratio, self.cfg.seed,
+                self.cfg.algorithm, self.cfg.num_rounds, len(partitions), self.cfg.join_ratio, self.cfg.seed,
                 self.cfg.on_node_failure,
             )  # fmt: skip
-            for rnd in range(self.cfg.num_rounds):
-                t_round = time.perf_counter()
-                record, payload, server_state = self._train_round(rnd, payload, server_state)
-                if (rnd + 1) % self.cfg.eval_every == 0 or rnd == self.cfg.num_rounds - 1:
-                    record.update(self._evaluate(rnd, server_state))
-                record["round_time_s"] = time.perf_counter() - t_round
-                self.history.append(record)
-                self.mlflow.log_round(record)
-                _write_json(summary_path, self._summary())
-                logger.info(
-                    "%s round %d/%d | partitions %s | loss %s | up %d B (wire %d) down %d B (wire %d) | global test %s | %.2fs",
-                    self.cfg.algorithm, rnd + 1, self.cfg.num_rounds, record["participants"], _fmt(record["train_loss"]),
-                    record["bytes_up_total"], record["wire_bytes_up_total"], record["bytes_down_total"],
-                    record["wire_bytes_down_total"], _fmt(record["global_test_accuracy"]), record["round_time_s"],
-                )  # fmt: skip
-            model = self.algorithm.global_model(server_state)
-            if model is not None:
-                import torch
-
-                from ..core.models import model_record
-
-                torch.save(model_record(model), model_path)
-                logger.info("Final global model saved to %s", model_path)
+            engine.run(self.state)
+            self._save_models()
             self.status = "completed"
             mlflow_status = "FINISHED"
         except Exception as exc:
@@ -637,19 +365,15 @@ class FlowerServer:
             logger.error("Flower run %s: %s", self.status, self.error)
             raise
         finally:
-            _write_json(summary_path, self._summary())
-            self.mlflow.finish(self.totals(), mlflow_status, artifacts=[summary_path])
+            self._write_summary()
+            self.mlflow.finish(self.totals(), mlflow_status, artifacts=[self.output_dir / SUMMARY_FILE])
         totals = self.totals()
         logger.info(
             "%s done in %.1fs: %.3f MB up, %.3f MB down (core count); wire %.3f MB up, %.3f MB down; summary %s",
             self.cfg.algorithm, totals["wall_time_s"], totals["bytes_up_total"] / _MB, totals["bytes_down_total"] / _MB,
-            totals["wire_bytes_up_total"] / _MB, totals["wire_bytes_down_total"] / _MB, summary_path,
+            totals["wire_bytes_up_total"] / _MB, totals["wire_bytes_down_total"] / _MB, self.output_dir / SUMMARY_FILE,
         )  # fmt: skip
         return self._summary()
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 @app.main()

@@ -13,8 +13,9 @@ Three sources of configuration, each with one job:
 
 A node loads its OWN partition only: ``<data-dir>/clients/client_{partition_id:02d}.npz``
 (the files ``make run`` writes to ``data/05_model_input``). The server reads
-``partition_manifest.json`` (channels, classes) and ``global_test.npz`` from its own
-``data-dir``. Relative paths resolve against the project root (``FEDMIC_PROJECT_ROOT``,
+``partition_manifest.json`` (channels, classes) and the image size from its own
+``data-dir``; it scores no images itself and selects the global model on the validation
+counts the nodes report. Relative paths resolve against the project root (``FEDMIC_PROJECT_ROOT``,
 else the nearest parent of the working directory holding a Kedro ``pyproject.toml``).
 
 This module imports torch and the core lazily, so the ClientApp's ``query`` handler
@@ -51,7 +52,6 @@ __all__ = [
     "load_algorithm_params",
     "load_client_data",
     "load_data_spec",
-    "load_global_test",
     "node_identity",
     "partition_sizes",
     "project_root",
@@ -167,23 +167,18 @@ def load_algorithm_params(algorithm: str, params_file: str, overrides_json: str,
     object ``overrides_json`` on top."""
     params: dict[str, Any] = {}
     if params_file:
+        from ..configuration import read_algorithm_params
+        from ..core.protocol import ConfigurationError
+
         path = resolve_path(params_file, root)
         if not path.is_file():
             raise FlowerConfigError(
                 f"params-file {path} does not exist; set run config params-file=\"\" to use only algorithm-params."
             )
-        import yaml  # lazily: only the server reads YAML
-
-        with path.open(encoding="utf-8") as handle:
-            document = yaml.safe_load(handle) or {}
-        blocks = document.get("algorithm_params", {}) if isinstance(document, dict) else {}
-        if not isinstance(blocks, dict):
-            raise FlowerConfigError(f"{path}: 'algorithm_params' must be a mapping.")
-        for name in ("common", algorithm):
-            block = blocks.get(name) or {}
-            if not isinstance(block, dict):
-                raise FlowerConfigError(f"{path}: algorithm_params.{name} must be a mapping, got {block!r}.")
-            params.update(block)
+        try:
+            params = read_algorithm_params(path, algorithm)
+        except ConfigurationError as exc:
+            raise FlowerConfigError(str(exc)) from None
     try:
         overrides = json.loads(overrides_json or "{}")
     except json.JSONDecodeError as exc:
@@ -369,23 +364,6 @@ def load_data_spec(data_dir: Path) -> "DataSpec":
     return DataSpec(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
 
 
-def load_global_test(data_dir: Path, device: "torch.device | str" = "cpu") -> "tuple[torch.Tensor, torch.Tensor] | None":
-    """The global test set (``images``, ``labels`` of ``global_test.npz``) as tensors, or
-    None (with a warning) when the file is absent."""
-    from ..core.data import to_tensors
-    from ..datasets.npz_dataset import load_npz
-
-    path = Path(data_dir) / GLOBAL_TEST_FILE
-    if not path.is_file():
-        logger.warning("No global test set at %s: global_test_accuracy will not be computed.", path)
-        return None
-    arrays = load_npz(path)
-    if "images" not in arrays or "labels" not in arrays:
-        raise FlowerConfigError(f"{path} must hold 'images' and 'labels', has {sorted(arrays)}.")
-    return to_tensors(arrays["images"], arrays["labels"], device)
-
-
-# -- the algorithm ---------------------------------------------------------------------
 def spec_to_config(spec: "DataSpec") -> dict[str, int]:
     return {"in-channels": spec.in_channels, "num-classes": spec.num_classes, "image-size": spec.image_size}
 

@@ -243,8 +243,7 @@ class FedMIC(BaseAlgorithm):
     def _check_participation(self, ctx: RoundContext) -> None:
         if not self.cfg.downlink_compression:
             return
-        sampled = ctx.extras.get("sampled")
-        total = ctx.extras.get("num_clients")
+        sampled, total = ctx.sampled, ctx.num_clients
         if sampled is not None and total is not None and len(sampled) < int(total):
             raise ConfigurationError(
                 f"{self.name}: downlink_compression sends deltas against the previous broadcast, which a client "
@@ -288,11 +287,7 @@ class FedMIC(BaseAlgorithm):
         student_opt = self.make_optimizer(list(student.parameters()) + projections.student_side_parameters())
         set_lr(student_opt, self.round_lr(ctx))
         set_lr(state["teacher_optimizer"], self.round_lr(ctx, c.teacher_lr if c.teacher_lr is not None else c.lr))
-        metrics = train_dual(
-            state["teacher"], student, projections, data, c.local_epochs, c.batch_size,
-            state["teacher_optimizer"], student_opt, self.client_generator(ctx, data.client_id),
-            c.distill_config(), ctx, logit_offset=self.logit_offset(data),
-        )  # fmt: skip
+        metrics = self.local_distillation(state, student, student_opt, data, ctx)
         self.recalibrate(state["teacher"], data)
         self.recalibrate(student, data)
         keys = self.shared_keys()
@@ -314,6 +309,17 @@ class FedMIC(BaseAlgorithm):
         else:
             upload = {k: v.detach().clone() for k, v in corrected.items()}
         return upload, state, metrics
+
+    def local_distillation(
+        self, state: ClientState, student: nn.Module, student_opt: torch.optim.Optimizer, data: ClientData, ctx: RoundContext
+    ) -> Metrics:
+        """The round's local epochs: teacher+A and student+B trained together by dual distillation."""
+        c = self.cfg
+        return train_dual(
+            state["teacher"], student, state["projections"], data, c.local_epochs, c.batch_size,
+            state["teacher_optimizer"], student_opt, self.client_generator(ctx, data.client_id),
+            c.distill_config(), ctx, logit_offset=self.logit_offset(data),
+        )  # fmt: skip
 
     def aggregate(
         self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext

@@ -12,7 +12,7 @@ sampled client i with control variate c_i (private, starts at 0):
 The server sets x <- x + server_lr * (sum_i p_i y_i - x) with p_i = n_i / sum_S n (the
 project's sample weighting; BN running statistics are plainly averaged), and
 c <- c + sum_{i in S} (n_i / n_all) Delta c_i, where n_all is the training size of ALL
-clients (``ctx.extras['total_train_samples']``, set by the simulation). That keeps c the
+clients (``ctx.total_train_samples``, set by the round engine). That keeps c the
 sample-weighted mean of all c_i, consistent with the weighted model average; the paper's
 uniform version (|S|/N mean) is the special case of equal client sizes. Without the
 extra (e.g. another runner), n_all falls back to the round's clients, which is exact
@@ -113,7 +113,7 @@ class Scaffold(BaseAlgorithm):
             for k in parameter_keys(model):
                 mean[k] = x[k] + server_lr * (mean[k] - x[k])
         payload_to_state(model, mean)
-        n_all = float(ctx.extras.get("total_train_samples", sum(n for _, n in uploads)))
+        n_all = float(ctx.total_train_samples or sum(n for _, n in uploads))
         delta_c = weighted_sum([dc for (_, dc), _ in parts], [n / n_all for _, n in parts])
         control = {k: v + delta_c[k] for k, v in server_state["control"].items()}
         server_state["control"] = control

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fedmic_pipeline import experiment
+from fedmic_pipeline.configuration import TrainingConfig
 from fedmic_pipeline.core.checkpoint import deserialize_checkpoint, serialize_checkpoint
 from fedmic_pipeline.core.models import model_record
 from fedmic_pipeline.core.protocol import ConfigurationError
@@ -51,17 +52,16 @@ def train_federated(
     With `training.resume` the run continues from its checkpoint (see the module docstring).
     """
     spec = experiment.data_spec(dataset_info)
-    name = training["algorithm"]
-    algorithm = experiment.make_algorithm(name, algorithm_params, spec)
-    config = experiment.simulation_config(training)
-    path, every, resume = _checkpoint_settings(training)
-    resume_from = _load_checkpoint(path, resume)
-    mode = str(training.get("extra_training_data", "none"))
-    extra = experiment.extra_training_sets(mode, client_partitions, synthetic_client_sets, int(training["seed"]))
+    config = TrainingConfig.from_params(training)
+    algorithm = experiment.make_algorithm(config.algorithm, algorithm_params, spec)
+    path = config.checkpoint_path
+    resume_from = _load_checkpoint(path, config.resume)
+    mode = config.extra_training_data
+    extra = experiment.extra_training_sets(mode, client_partitions, synthetic_client_sets, config.seed)
     clients = experiment.build_clients(client_partitions, extra)
     result = run_simulation(
-        algorithm, clients, spec, config,
-        checkpoint_every=every if path is not None else 0,
+        algorithm, clients, spec, config.simulation,
+        checkpoint_every=config.checkpoint_every if path is not None else 0,
         on_checkpoint=(lambda checkpoint: write_bytes_atomically(path, serialize_checkpoint(checkpoint))) if path else None,
         resume_from=resume_from,
         fingerprint_extra={"dataset": dataset_info.get("flag"), "dataset_md5": dataset_info.get("md5"),
@@ -81,23 +81,6 @@ def train_federated(
 
     summary = experiment.run_summary(algorithm, result, clients, extra_training_data=mode)
     return models, experiment.history_table(result.history), experiment.communication_table(result.history), summary
-
-
-def _checkpoint_settings(training: Mapping[str, Any]) -> tuple[Path | None, int, str]:
-    """(checkpoint file or None, checkpoint_every, resume as 'true' | 'false' | 'auto')."""
-    every = training.get("checkpoint_every", 0) or 0
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ConfigurationError(f"training.checkpoint_every must be an integer >= 0 (0 = never), got {every!r}.")
-    resume = str(training.get("resume", False)).strip().lower()
-    resume = {"yes": "true", "1": "true", "no": "false", "0": "false", "none": "false"}.get(resume, resume)
-    if resume not in ("true", "false", "auto"):
-        raise ConfigurationError(f"training.resume must be true, false or auto, got {training.get('resume')!r}.")
-    directory = training.get("checkpoint_dir")
-    if not directory:
-        if resume == "true":
-            raise ConfigurationError("training.resume is true but training.checkpoint_dir is empty: nothing to resume from.")
-        return None, every, resume
-    return Path(directory) / f"{training['algorithm']}-seed{int(training.get('seed', 0))}.pt", every, resume
 
 
 def _load_checkpoint(path: Path | None, resume: str) -> dict[str, Any] | None:
