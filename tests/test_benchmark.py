@@ -1,7 +1,8 @@
 """The throughput benchmark command: runs end to end and writes a well-formed report.
 
 Only the shape of the report is checked (fields present, numbers positive): timings on a
-shared 2-core machine are figures, never assertions.
+shared 2-core machine are figures, never assertions. What is asserted exactly is that the
+naive variant runs the algorithm it measures: its uploads are the resident variant's.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ import numpy as np
 import pytest
 import torch
 
+from fedmic_pipeline.benchmarks.naive import NaiveFedAvg, NaiveFedMIC
+from fedmic_pipeline.benchmarks.settings import parse_overrides
 from fedmic_pipeline.benchmarks.throughput import (
     NAIVE,
     RESIDENT,
     RESIDENT_BS10,
     NaiveImageDataset,
-    _parse_overrides,
+    load_partition,
     resolve_settings,
 )
-from fedmic_pipeline.core.protocol import ConfigurationError
+from fedmic_pipeline.benchmarks.variants import build_variant, simulate
+from fedmic_pipeline.core.algorithms.fedavg import FedAvg
+from fedmic_pipeline.core.algorithms.fedmic import FedMIC
+from fedmic_pipeline.core.protocol import ConfigurationError, payload_nbytes
 
 VARIANTS = (NAIVE, RESIDENT_BS10, RESIDENT)
 
@@ -108,7 +114,7 @@ def test_settings_follow_the_project_parameters_layout(tmp_path: Path) -> None:
         "algorithm_params:\n  common:\n    lr: 0.05\n    batch_size: 32\n"
         "  fedavg: {}\n  fedmic:\n    teacher_width: 0.25\n    lr: 0.02\n    not_a_field: 1\n"
     )
-    settings = resolve_settings(params, _parse_overrides(["fedmic.teacher_width=0.5"]))
+    settings = resolve_settings(params, parse_overrides(["fedmic.teacher_width=0.5"]))
     assert settings.join_ratio == 0.5 and settings.seed == 7
     assert settings.algorithm_params["fedavg"] == {"lr": 0.05, "batch_size": 32}
     assert settings.algorithm_params["fedmic"] == {"lr": 0.02, "batch_size": 32, "teacher_width": 0.5}
@@ -119,7 +125,7 @@ def test_settings_follow_the_project_parameters_layout(tmp_path: Path) -> None:
     assert missing.join_ratio == 1.0 and missing.algorithm_params == {}
     assert "does not exist" in missing.source
     with pytest.raises(ConfigurationError):
-        _parse_overrides(["teacher_width=0.5"])
+        parse_overrides(["teacher_width=0.5"])
     with pytest.raises(ConfigurationError):
         resolve_settings(None, {"no_such_method": {"lr": 1}})
 
@@ -133,3 +139,53 @@ def test_naive_dataset_converts_each_item_like_to_tensor() -> None:
     assert torch.allclose(x[0], torch.tensor([[0.0, 1.0], [0.2, 0.4]]))
     rgb = NaiveImageDataset(np.zeros((2, 4, 4, 3), dtype=np.uint8), np.zeros(2))
     assert tuple(rgb[1][0].shape) == (3, 4, 4)
+
+
+#: Thin models; energy 0.01 keeps rank 1 for every factored matrix, so FedMIC's upload
+#: sizes do not depend on the trained values and two data paths must upload alike.
+_TINY = {"model_options": {"widths": [8, 16, 32], "feature_dim": 32}}
+_TINY_FEDMIC = {
+    **_TINY, "teacher_width": 0.25, "energy_start": 0.01, "energy_end": 0.01, "error_feedback": True, "fp16_factors": True,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "params", "naive_class", "base_class"), [
+    ("fedavg", _TINY, NaiveFedAvg, FedAvg),
+    ("fedmic", _TINY_FEDMIC, NaiveFedMIC, FedMIC),
+])  # fmt: skip
+def test_naive_variant_uploads_what_the_algorithm_uploads(
+    tiny_partition: Path, name: str, params: dict, naive_class: type, base_class: type
+) -> None:
+    """The naive variant replaces only local training: the same clients are sampled and
+    their uploads (through the algorithm's own client_update, codec and error feedback)
+    hold the same tensors with the same bytes as the resident variant's."""
+    clients, spec, raw = load_partition(tiny_partition)
+    settings = resolve_settings(None, {"simulation": {"join_ratio": 0.5}, name: params})
+    uploads: dict[str, list[list[tuple[list[str], int]]]] = {}
+    histories = {}
+    for variant in (NAIVE, RESIDENT_BS10):
+        algorithm = build_variant(variant, name, settings.algorithm_params[name], spec, clients, raw, 10, settings.seed)
+        assert isinstance(algorithm, naive_class) == (variant == NAIVE) and isinstance(algorithm, base_class)
+        seen = uploads.setdefault(variant, [])
+        aggregate = algorithm.aggregate
+
+        def recording(server_state, round_uploads, ctx, aggregate=aggregate, seen=seen):  # type: ignore[no-untyped-def]
+            seen.append([(sorted(p), payload_nbytes(p)) for p, _ in round_uploads])
+            return aggregate(server_state, round_uploads, ctx)
+
+        algorithm.aggregate = recording  # type: ignore[method-assign]
+        histories[variant] = simulate(algorithm, clients, spec, settings, torch.device("cpu"), rounds=2)
+    naive, resident = histories[NAIVE], histories[RESIDENT_BS10]
+    assert [r["sampled"] for r in naive] == [r["sampled"] for r in resident]
+    assert all(len(r["sampled"]) == 1 for r in naive)
+    assert uploads[NAIVE] == uploads[RESIDENT_BS10] and len(uploads[NAIVE]) == 2
+    assert [r["bytes_up"] for r in naive] == [[b for _, b in rnd] for rnd in uploads[NAIVE]]
+    assert [r["bytes_up"] for r in naive] == [r["bytes_up"] for r in resident]
+    assert [r["bytes_down"] for r in naive] == [r["bytes_down"] for r in resident]
+    for record in naive:
+        (metrics,) = record["client_metrics"]
+        assert metrics["num_samples"] == raw[metrics["client_id"]]["train_labels"].shape[0]
+        if name == "fedmic":  # the upload went through FedMIC.client_update's codec, factored
+            assert metrics["codec/bytes_encoded"] == record["bytes_up"][0]
+            assert metrics["codec/layers_factored"] > 0 and metrics["codec/mean_rank"] == 1.0
+            assert "codec/residual_norm" in metrics
