@@ -5,16 +5,10 @@ from pathlib import Path
 
 import pytest
 
-for _name, _value in {
-    "KEDRO_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "DO_NOT_TRACK": "1",
-    "MPLBACKEND": "Agg",
-    "OMP_NUM_THREADS": "1",
-}.items():
+from fedmic_pipeline.telemetry import switch_off_telemetry
+
+switch_off_telemetry()
+for _name, _value in {"MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}.items():
     os.environ.setdefault(_name, _value)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -21,15 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedmic_pipeline.telemetry import TELEMETRY_OFF
+
 ROOT = Path(__file__).resolve().parents[1]
-TELEMETRY_OFF = {
-    "KEDRO_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "DO_NOT_TRACK": "1",
-}
 RUNTIME_IMAGE = re.compile(
     r"^(?:docker\.io/|nvcr\.io/)?(?:"
     r"nvidia/cuda:(?P<cuda>\d+\.\d+(?:\.\d+)?)-(?:cudnn\d*-)?runtime-ubuntu\d+\.\d+"

@@ -1,17 +1,9 @@
 """Kedro project settings."""
 
-import os
+from fedmic_pipeline.telemetry import switch_off_telemetry
 
 # The project never phones home, whichever way Kedro is started (CLI, notebook, tests).
-for _name, _value in {
-    "KEDRO_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "DO_NOT_TRACK": "1",
-}.items():
-    os.environ.setdefault(_name, _value)
+switch_off_telemetry()
 
 from kedro.config import OmegaConfigLoader  # noqa: E402
 from omegaconf.resolvers import oc  # noqa: E402

@@ -1,7 +1,8 @@
 """Nodes of `ablation`: does FedSSG help through coverage, or would any extra data do?
 
 For each seed: a Dirichlet partition (the ablation's lambda), a federated generator and a
-synthesis plan on it (the synthetic_generation stage's own functions), then every method
+synthesis plan on it (`fedmic_pipeline.partitioning` and `fedmic_pipeline.synthetic_sets`,
+the steps of the data_partition and synthetic_generation stages, in memory), then every method
 trained three ways on the same partition: with no extra data, with each hospital's
 synthetic set, and with the same number of classically augmented real samples. Reported:
 recall of the rare class, balanced accuracy and accuracy on the unseen imaging device.
@@ -18,15 +19,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedmic_pipeline import experiment
-from fedmic_pipeline.pipelines.compare.nodes import as_list
-from fedmic_pipeline.pipelines.data_partition.nodes import build_partition_plan, materialise_partition
-from fedmic_pipeline.pipelines.synthetic_generation.nodes import (
-    compute_synthesis_plan,
-    sample_synthetic_sets,
-    train_synthetic_generator,
-)
+from fedmic_pipeline import experiment, synthetic_sets
+from fedmic_pipeline.partitioning import partition_in_memory
 from fedmic_pipeline.reporting import ablation_plots
+from fedmic_pipeline.sweeps import as_list, cell_params, check_methods
 
 logger = logging.getLogger(__name__)
 
@@ -52,31 +48,24 @@ def run_ablation(
     """One row per seed x method x arm with the metrics the ablation is about."""
     methods = [str(m) for m in as_list(ablation["methods"])]
     seeds = [int(s) for s in as_list(ablation["seeds"])]
-    spec = experiment.data_spec(dataset_info)
-    for method in methods:
-        experiment.make_algorithm(method, algorithm_params, spec)
+    check_methods(methods, algorithm_params, dataset_info)
     rare = _rare_class(validated_dataset)
     run_training = {**training, **ablation.get("training_overrides", {})}
     run_evaluation = {**evaluation, "n_bootstrap": int(ablation.get("n_bootstrap", 0))}
     rows, total, done = [], len(seeds) * len(methods) * len(ARMS), 0
     for seed in seeds:
-        part_params = {**partition, "dirichlet_lambda": float(ablation["dirichlet_lambda"]), "seed": seed}
-        device_params = {**devices, "seed": seed}
-        plan = build_partition_plan(validated_dataset, dataset_info, part_params, device_params)
-        clients_arrays, global_test_set, manifest, _ = materialise_partition(
-            validated_dataset, dataset_info, plan, part_params, device_params, True
-        )
+        part_params, device_params = cell_params(partition, devices, ablation["dirichlet_lambda"], seed)
+        clients_arrays, global_test_set, manifest = partition_in_memory(validated_dataset, dataset_info, part_params, device_params)
         synth_params = {**synthetic, "enabled": True, "seed": seed}
-        loaders = {key: (lambda arrays=arrays: arrays) for key, arrays in clients_arrays.items()}  # as the catalog hands them over
-        generator, _ = train_synthetic_generator(loaders, manifest, synth_params)
-        synthesis_plan = compute_synthesis_plan(loaders, manifest, synth_params)
-        synthetic_sets = sample_synthetic_sets(generator, synthesis_plan, manifest, synth_params)
-        n_synthetic = int(sum(len(s["labels"]) for s in synthetic_sets.values()))
+        generator, _ = synthetic_sets.train_generator(clients_arrays, manifest, synth_params)
+        synthesis_plan = synthetic_sets.plan_synthesis(clients_arrays, manifest, synth_params)
+        synthesised = synthetic_sets.sample_sets(generator, synthesis_plan, synth_params)
+        n_synthetic = int(sum(len(s["labels"]) for s in synthesised.values()))
         for method in methods:
             for arm in ARMS:
                 done += 1
                 started = time.perf_counter()
-                extra = experiment.extra_training_sets(arm, clients_arrays, synthetic_sets, seed)
+                extra = experiment.extra_training_sets(arm, clients_arrays, synthesised, seed)
                 report, _, _ = experiment.run_and_evaluate(
                     method, algorithm_params, dataset_info, clients_arrays, global_test_set, manifest.get("held_out_device"),
                     {**run_training, "seed": seed}, run_evaluation, extra,
