@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from fedmic_pipeline.core.partition import (
@@ -12,7 +12,6 @@ from fedmic_pipeline.core.partition import (
     PartitionConfig,
     PartitionError,
     dirichlet_label_partition,
-    dirichlet_label_partition_with_attempts,
     label_entropy,
     local_split_counts,
     mean_label_entropy,
@@ -23,7 +22,7 @@ from fedmic_pipeline.core.partition import (
 
 @st.composite
 def partition_problems(draw):
-    """Random label vectors with a feasible (clients, min size) pair."""
+    """Random label vectors, client counts and minimum sizes (mostly feasible ones)."""
     n_classes = draw(st.integers(1, 6))
     n = draw(st.integers(20, 400))
     weights = draw(st.lists(st.floats(0.05, 1.0), min_size=n_classes, max_size=n_classes))
@@ -36,11 +35,22 @@ def partition_problems(draw):
     return labels, num_clients, lam, min_samples, seed
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _accepted_split(labels, k, lam, min_samples, seed):
+    """The draw, or a rejected example where no draw within the bound is acceptable (a few
+    images under strong skew): that error path has its own test below."""
+    try:
+        return dirichlet_label_partition(labels, k, lam, min_samples, 5000, np.random.default_rng(seed)).client_indices
+    except PartitionError as exc:
+        if "No Dirichlet draw" not in str(exc):
+            raise
+        reject()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(partition_problems())
 def test_partition_is_disjoint_complete_and_respects_minimum(problem):
     labels, k, lam, min_samples, seed = problem
-    parts = dirichlet_label_partition(labels, k, lam, min_samples, 5000, np.random.default_rng(seed))
+    parts = _accepted_split(labels, k, lam, min_samples, seed)
     assert len(parts) == k
     joined = np.concatenate(parts)
     assert joined.size == labels.size  # complete and, with the next line, disjoint
@@ -51,18 +61,18 @@ def test_partition_is_disjoint_complete_and_respects_minimum(problem):
         assert np.all(np.diff(part) > 0)  # sorted, no duplicates
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(partition_problems())
 def test_partition_is_deterministic_for_a_seed(problem):
     labels, k, lam, min_samples, seed = problem
-    a = dirichlet_label_partition(labels, k, lam, min_samples, 5000, np.random.default_rng(seed))
-    b = dirichlet_label_partition(labels, k, lam, min_samples, 5000, np.random.default_rng(seed))
+    a = _accepted_split(labels, k, lam, min_samples, seed)
+    b = _accepted_split(labels, k, lam, min_samples, seed)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_different_seeds_give_different_partitions():
     labels = np.repeat(np.arange(3), 200)
-    draws = [dirichlet_label_partition(labels, 5, 0.5, 10, 1000, np.random.default_rng(s)) for s in range(5)]
+    draws = [dirichlet_label_partition(labels, 5, 0.5, 10, 1000, np.random.default_rng(s)).client_indices for s in range(5)]
     signatures = {tuple(np.concatenate([np.full(p.size, k) for k, p in enumerate(d)])[np.argsort(np.concatenate(d))]) for d in draws}
     assert len(signatures) == 5
 
@@ -73,7 +83,7 @@ def test_smaller_lambda_gives_lower_mean_label_entropy():
 
     def averaged(lam: float) -> float:
         return float(np.mean([
-            mean_label_entropy(dirichlet_label_partition(labels, 10, lam, 0, 0, np.random.default_rng(seed)), labels, 5)
+            mean_label_entropy(dirichlet_label_partition(labels, 10, lam, 0, 0, np.random.default_rng(seed)).client_indices, labels, 5)
             for seed in range(20)
         ]))
 
@@ -85,7 +95,7 @@ def test_smaller_lambda_gives_lower_mean_label_entropy():
 def test_bounded_redraws_raise_a_clear_error():
     labels = np.repeat([0, 1], [30, 970])
     with pytest.raises(PartitionError) as info:
-        dirichlet_label_partition(labels, 20, 0.05, 45, 25, np.random.default_rng(0))
+        dirichlet_label_partition(labels, 20, 0.05, 45, 25, np.random.default_rng(0)).client_indices
     message = str(info.value)
     assert "26 draws" in message and "smallest client had" in message
     for hint in ("num_clients", "min_samples_per_client", "dirichlet_lambda", "max_redraws"):
@@ -95,7 +105,7 @@ def test_bounded_redraws_raise_a_clear_error():
 
 def test_attempts_are_counted_and_redraws_are_used():
     labels = np.repeat([0, 1], [1349, 3883])  # PneumoniaMNIST's train+val class sizes
-    draw = dirichlet_label_partition_with_attempts(labels, 10, 0.1, 40, 10000, np.random.default_rng(42))
+    draw = dirichlet_label_partition(labels, 10, 0.1, 40, 10000, np.random.default_rng(42))
     assert draw.attempts > 1
     assert min(p.size for p in draw.client_indices) >= 40
 
@@ -114,17 +124,17 @@ def test_attempts_are_counted_and_redraws_are_used():
 def test_invalid_inputs_fail_early(kwargs, needle):
     args = {"num_clients": 2, "lam": 0.5, "min_samples": 1, "max_redraws": 10} | kwargs
     with pytest.raises(PartitionError, match=needle):
-        dirichlet_label_partition(np.arange(100) % 2, rng=np.random.default_rng(0), **args)
+        dirichlet_label_partition(np.arange(100) % 2, rng=np.random.default_rng(0), **args).client_indices
 
 
 def test_labels_must_be_flat_integers():
     with pytest.raises(PartitionError, match="1-D"):
         dirichlet_label_partition(np.zeros((10, 1), dtype=np.int64), 2, 0.5, 0, 0, np.random.default_rng(0))
     with pytest.raises(PartitionError, match="integers"):
-        dirichlet_label_partition(np.zeros(10), 2, 0.5, 0, 0, np.random.default_rng(0))
+        dirichlet_label_partition(np.zeros(10), 2, 0.5, 0, 0, np.random.default_rng(0)).client_indices
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.integers(0, 500), st.sampled_from([(0.7, 0.15, 0.15), (0.8, 0.1, 0.1), (0.6, 0.2, 0.2), (0.9, 0.0, 0.1), (1.0, 0.0, 0.0)]))
 def test_local_split_counts_rule(n, fractions):
     counts = local_split_counts(n, fractions)
@@ -146,11 +156,11 @@ def test_small_classes_go_to_train_then_test():
     assert local_split_counts(100, (0.7, 0.15, 0.15)) == {"train": 70, "val": 15, "test": 15}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(partition_problems())
 def test_split_local_is_a_stratified_partition_of_the_client(problem):
     labels, k, lam, min_samples, seed = problem
-    parts = dirichlet_label_partition(labels, k, lam, min_samples, 5000, np.random.default_rng(seed))
+    parts = dirichlet_label_partition(labels, k, lam, min_samples, 5000, np.random.default_rng(seed)).client_indices
     fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
     for part in parts:
         split = split_local(part, labels, fractions, np.random.default_rng(seed))

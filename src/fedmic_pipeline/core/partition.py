@@ -76,7 +76,7 @@ def _cut_sizes(proportions: np.ndarray, n: int) -> np.ndarray:
     return np.diff(bounds)
 
 
-def dirichlet_label_partition_with_attempts(
+def dirichlet_label_partition(
     labels: np.ndarray,
     num_clients: int,
     lam: float,
@@ -154,18 +154,6 @@ def dirichlet_label_partition_with_attempts(
         lam, n_total, num_clients, attempts, [int(c.size) for c in client_indices],
     )
     return DirichletDraw(client_indices=client_indices, attempts=attempts)
-
-
-def dirichlet_label_partition(
-    labels: np.ndarray,
-    num_clients: int,
-    lam: float,
-    min_samples: int,
-    max_redraws: int,
-    rng: np.random.Generator,
-) -> list[np.ndarray]:
-    """Per-client sorted index arrays; see `dirichlet_label_partition_with_attempts`."""
-    return dirichlet_label_partition_with_attempts(labels, num_clients, lam, min_samples, max_redraws, rng).client_indices
 
 
 def _normalise_fractions(fractions: Mapping[str, float] | Sequence[float]) -> np.ndarray:
@@ -381,7 +369,7 @@ def plan_partition(pool_labels: np.ndarray, config: PartitionConfig, client_devi
     devices = np.asarray(client_devices, dtype=np.int64)
     if devices.shape != (config.num_clients,):
         raise PartitionError(f"need one device per client: got {devices.shape[0] if devices.ndim else 0} for {config.num_clients} clients.")
-    draw = dirichlet_label_partition_with_attempts(
+    draw = dirichlet_label_partition(
         labels,
         config.num_clients,
         config.dirichlet_lambda,
