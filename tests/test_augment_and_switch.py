@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import federation
 from fedmic_pipeline.core.augment import augment_like
 from fedmic_pipeline.core.protocol import ConfigurationError
 
@@ -47,10 +47,10 @@ def test_switch_adds_extra_data_to_train_only():
         }
         for key in partitions
     }
-    assert experiment.extra_training_sets("none", partitions, synthetic, seed=0) is None
+    assert federation.extra_training_sets("none", partitions, synthetic, seed=0) is None
     for mode in ("synthetic", "augmented"):
-        extra = experiment.extra_training_sets(mode, partitions, synthetic, seed=0)
-        clients = experiment.build_clients(partitions, extra)
+        extra = federation.extra_training_sets(mode, partitions, synthetic, seed=0)
+        clients = federation.build_clients(partitions, extra)
         for client in clients:
             assert client.num_train == 40 + 6
             assert client.val_y.shape[0] == 40 and client.test_y.shape[0] == 40  # never in val/test
@@ -61,6 +61,6 @@ def test_switch_adds_extra_data_to_train_only():
 def test_switch_needs_the_synthetic_sets_and_a_known_mode():
     partitions = {"client_00": _client()}
     with pytest.raises(ConfigurationError, match="synthetic_generation"):
-        experiment.extra_training_sets("synthetic", partitions, None, seed=0)
+        federation.extra_training_sets("synthetic", partitions, None, seed=0)
     with pytest.raises(ConfigurationError, match="none, synthetic, augmented"):
-        experiment.extra_training_sets("more", partitions, {}, seed=0)
+        federation.extra_training_sets("more", partitions, {}, seed=0)

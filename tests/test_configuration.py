@@ -21,7 +21,7 @@ def test_the_shipped_training_block_parses_into_the_runner_settings(project_root
     ("training", "message"),
     [
         ({"algorithm": "fedavg", "num_round": 1}, r"Unknown key\(s\) \['num_round'\].*num_rounds"),
-        ({"algorithm": "fedavgg"}, "training.algorithm 'fedavgg' is unknown"),
+        ({"algorithm": "fedavgg"}, "Unknown algorithm 'fedavgg'. Valid algorithms: .*training.algorithm"),
         ({"algorithm": "fedavg", "extra_training_data": "gan"}, "extra_training_data must be one of none, synthetic"),
         ({"algorithm": "fedavg", "checkpoint_every": -1}, "checkpoint_every must be an integer >= 0"),
         ({"algorithm": "fedavg", "checkpoint_every": True}, "checkpoint_every must be an integer >= 0"),

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import federation
+from fedmic_pipeline import model_evaluation
 from fedmic_pipeline.core.evaluation import compute_metrics, predict_proba
 from fedmic_pipeline.core.simulation import SimulationConfig, run_simulation
 from test_training_pipeline import ROOT
@@ -54,9 +55,9 @@ def real_partition():
         block = slice(start, start + 900)
         clients[f"client_{i:02d}"] = _split(images[block], labels[block], counts, rng)
         start += 900
-    test = experiment.global_test_tensors({"images": raw["test_images"], "labels": raw["test_labels"]})
+    test = model_evaluation.global_test_tensors({"images": raw["test_images"], "labels": raw["test_labels"]})
     info = {"n_channels": 1, "n_classes": 2, "size": 28}
-    return experiment.build_clients(clients), test, info
+    return federation.build_clients(clients), test, info
 
 
 def _defaults():
@@ -68,8 +69,8 @@ def _run(method: str, partition, **fedmic_overrides):
     clients, _, info = partition
     params = _defaults()
     params[method] = {**(params.get(method) or {}), **fedmic_overrides}
-    spec = experiment.data_spec(info)
-    algorithm = experiment.make_algorithm(method, params, spec)
+    spec = federation.data_spec(info)
+    algorithm = federation.make_algorithm(method, params, spec)
     config = SimulationConfig(num_rounds=ROUNDS, join_ratio=1.0, seed=0, device="cpu", num_threads=1)
     return run_simulation(algorithm, clients, spec, config)
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 import yaml
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import federation as build
+from fedmic_pipeline import model_evaluation
 from fedmic_pipeline.core.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
@@ -62,8 +63,8 @@ def federation():
     arrays, global_test, _, _ = partition_nodes.materialise_partition(
         dataset, info, plan, params["partition"], params["devices"], True
     )
-    spec = experiment.data_spec({**info, "size": 16})
-    return spec, experiment.build_clients(arrays), experiment.global_test_tensors(global_test)
+    spec = build.data_spec({**info, "size": 16})
+    return spec, build.build_clients(arrays), model_evaluation.global_test_tensors(global_test)
 
 
 def _config(**overrides) -> SimulationConfig:
@@ -72,7 +73,7 @@ def _config(**overrides) -> SimulationConfig:
 
 def _run(federation, name, params=ALGORITHM_PARAMS, config=None, **kwargs):
     spec, clients, test = federation
-    algorithm = experiment.make_algorithm(name, params, spec)
+    algorithm = build.make_algorithm(name, params, spec)
     return run_simulation(algorithm, clients, spec, config or _config(), **kwargs)
 
 
@@ -215,7 +216,7 @@ def test_resuming_on_other_data_names_the_client(federation):
     changed = list(clients)
     first = changed[0]
     changed[0] = type(first)(**{**first.__dict__, "train_x": first.train_x.flip(0)})  # same shapes, other order
-    algorithm = experiment.make_algorithm("fedavg", ALGORITHM_PARAMS, spec)
+    algorithm = build.make_algorithm("fedavg", ALGORITHM_PARAMS, spec)
     with pytest.raises(CheckpointMismatchError, match=r"data\.client_00") as info:
         run_simulation(algorithm, changed, spec, _config(), resume_from=checkpoint)
     assert info.value.mismatches == ["data.client_00"]

@@ -66,7 +66,9 @@ class TrainingConfig:
             )
         algorithm = str(training.get("algorithm", "fedavg"))
         if algorithm not in ALGORITHMS:
-            raise ConfigurationError(f"training.algorithm '{algorithm}' is unknown. Valid algorithms: {', '.join(sorted(ALGORITHMS))}.")
+            raise ConfigurationError(
+                f"Unknown algorithm '{algorithm}'. Valid algorithms: {', '.join(sorted(ALGORITHMS))} (training.algorithm)."
+            )
         extra = str(training.get("extra_training_data", "none"))
         if extra not in EXTRA_TRAINING_DATA:
             raise ConfigurationError(

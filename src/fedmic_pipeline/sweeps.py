@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import federation
 
 
 def as_list(value: Any) -> list[Any]:
@@ -24,9 +24,9 @@ def as_list(value: Any) -> list[Any]:
 
 def check_methods(methods: Iterable[str], algorithm_params: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> None:
     """Build every method once: a typo fails now, not after hours of training."""
-    spec = experiment.data_spec(dataset_info)
+    spec = federation.data_spec(dataset_info)
     for method in dict.fromkeys(methods):
-        experiment.make_algorithm(method, algorithm_params, spec)
+        federation.make_algorithm(method, algorithm_params, spec)
 
 
 def cell_params(

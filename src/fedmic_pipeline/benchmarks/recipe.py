@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import federation
+from fedmic_pipeline import model_evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,10 @@ def run(method: str, variants: list[str], rounds: int, join_ratio: float, seed: 
     for name in variants:
         started = time.perf_counter()
         params = _params_for(method, conf["algorithm_params"], VARIANTS[name])
-        report, summary, result = experiment.run_and_evaluate(
+        report, summary, result = federation.run_and_evaluate(
             method, params, info, clients, global_test, manifest.get("held_out_device"), training, evaluation
         )
-        headline = experiment.headline_metrics(report, summary)
+        headline = model_evaluation.headline_metrics(report, summary)
         curve = [r["global_val_balanced_accuracy"] for r in result.history]
         rows.append({"variant": name, **{k: headline.get(k) for k, _ in HEADLINE}, "val_curve": curve,
                      "wall_s": time.perf_counter() - started})  # fmt: skip

@@ -1,7 +1,7 @@
 """Per-round MLflow metrics as a round-engine callback (the Flower ServerApp's run log).
 
 The metric names and steps are the in-process pipeline's (``step`` = the 1-based round, as
-``experiment.history_table`` logs them), so a Flower run and a Kedro run of the same method
+``run_records.history_table`` logs them), so a Flower run and a Kedro run of the same method
 plot on the same axes. Without a tracking URI every method is a no-op.
 """
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedmic_pipeline import experiment, synthetic_sets
+from fedmic_pipeline import federation, synthetic_sets
 from fedmic_pipeline.partitioning import partition_in_memory
 from fedmic_pipeline.reporting import ablation_plots
 from fedmic_pipeline.sweeps import as_list, cell_params, check_methods
@@ -65,8 +65,8 @@ def run_ablation(
             for arm in ARMS:
                 done += 1
                 started = time.perf_counter()
-                extra = experiment.extra_training_sets(arm, clients_arrays, synthesised, seed)
-                report, _, _ = experiment.run_and_evaluate(
+                extra = federation.extra_training_sets(arm, clients_arrays, synthesised, seed)
+                report, _, _ = federation.run_and_evaluate(
                     method, algorithm_params, dataset_info, clients_arrays, global_test_set, manifest.get("held_out_device"),
                     {**run_training, "seed": seed}, run_evaluation, extra,
                 )  # fmt: skip

@@ -22,7 +22,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import configuration
+from fedmic_pipeline import federation
+from fedmic_pipeline import model_evaluation
+from fedmic_pipeline import run_records
 from fedmic_pipeline.datasets.atomic import write_bytes_atomically
 from fedmic_pipeline.partitioning import partition_in_memory
 from fedmic_pipeline.reporting import comparison_plots, comparison_tables, findings
@@ -117,7 +120,7 @@ def run_comparison(
         key = _cache_key(
             method=method, dataset_md5=dataset_info.get("md5"), partition=part_params, devices=device_params,
             training={k: v for k, v in settings.items() if k not in ("progress", "num_threads", "device")},
-            algorithm=experiment.algorithm_params_for(method, algorithm_params), evaluation=run_evaluation,
+            algorithm=configuration.algorithm_params_for(method, algorithm_params), evaluation=run_evaluation,
         )  # fmt: skip
         path = None if cache_dir is None else cache_dir / f"{method}-{dataset}-l{lam}-j{join}-s{seed}-{key}.json"
         cached = _read_cache(path)
@@ -129,16 +132,16 @@ def run_comparison(
                 client_arrays, global_test_set, manifest = partition_in_memory(validated_dataset, dataset_info, part_params, device_params)
                 partition_key = (lam, seed)
             started = time.perf_counter()
-            report, summary, result = experiment.run_and_evaluate(
+            report, summary, result = federation.run_and_evaluate(
                 method, algorithm_params, dataset_info, client_arrays, global_test_set,
                 manifest.get("held_out_device"), settings, run_evaluation,
             )  # fmt: skip
             row = {
                 "dataset": dataset, "method": method, "lambda": float(lam), "join_ratio": float(join), "seed": int(seed),
-                **experiment.headline_metrics(report, summary),
+                **model_evaluation.headline_metrics(report, summary),
             }  # fmt: skip
             row.pop("algorithm", None)
-            history = experiment.history_table(result.history).assign(
+            history = run_records.history_table(result.history).assign(
                 dataset=dataset, method=method, **{"lambda": float(lam)}, join_ratio=float(join), seed=int(seed)
             )
             _log_nested_run(row, history, summary)

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import federation
+from fedmic_pipeline import model_evaluation
 from fedmic_pipeline.core.evaluation import SCALAR_METRICS
 from fedmic_pipeline.core.models import model_from_record
 from fedmic_pipeline.reporting import training_plots
@@ -44,11 +45,11 @@ def evaluate_federation(
     """The full evaluation report (JSON): global, per device, per site, summaries."""
     models = {key: model_from_record(_load(record)) for key, record in trained_models.items()}
     last_global = models.pop("global_last", None)
-    report = experiment.evaluate_models(
+    report = model_evaluation.evaluate_models(
         global_model=models.pop("global", None),
         last_global_model=last_global,
-        personalized={experiment.client_id_of(key): model for key, model in models.items()},
-        clients=experiment.build_clients(client_partitions),
+        personalized={federation.client_id_of(key): model for key, model in models.items()},
+        clients=federation.build_clients(client_partitions),
         global_test_set=global_test_set,
         dataset_info=dataset_info,
         held_out_device=partition_manifest.get("held_out_device"),
@@ -80,7 +81,7 @@ def _log_summary(report: dict[str, Any]) -> None:
 
 def summarize_metrics(evaluation_report: dict[str, Any], training_summary: dict[str, Any]) -> dict[str, Any]:
     """The flat headline numbers (DVC metrics file, MLflow final metrics)."""
-    return experiment.headline_metrics(evaluation_report, training_summary)
+    return model_evaluation.headline_metrics(evaluation_report, training_summary)
 
 
 def site_table(evaluation_report: dict[str, Any]) -> pd.DataFrame:

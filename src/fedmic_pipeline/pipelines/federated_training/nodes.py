@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmic_pipeline import experiment
+from fedmic_pipeline import federation
+from fedmic_pipeline import run_records
 from fedmic_pipeline.configuration import TrainingConfig
 from fedmic_pipeline.core.checkpoint import deserialize_checkpoint, serialize_checkpoint
 from fedmic_pipeline.core.models import model_record
@@ -51,14 +52,14 @@ def train_federated(
     hospital's synthetic set (or as many augmented real samples) to its training split.
     With `training.resume` the run continues from its checkpoint (see the module docstring).
     """
-    spec = experiment.data_spec(dataset_info)
+    spec = federation.data_spec(dataset_info)
     config = TrainingConfig.from_params(training)
-    algorithm = experiment.make_algorithm(config.algorithm, algorithm_params, spec)
+    algorithm = federation.make_algorithm(config.algorithm, algorithm_params, spec)
     path = config.checkpoint_path
     resume_from = _load_checkpoint(path, config.resume)
     mode = config.extra_training_data
-    extra = experiment.extra_training_sets(mode, client_partitions, synthetic_client_sets, config.seed)
-    clients = experiment.build_clients(client_partitions, extra)
+    extra = federation.extra_training_sets(mode, client_partitions, synthetic_client_sets, config.seed)
+    clients = federation.build_clients(client_partitions, extra)
     result = run_simulation(
         algorithm, clients, spec, config.simulation,
         checkpoint_every=config.checkpoint_every if path is not None else 0,
@@ -79,8 +80,8 @@ def train_federated(
     for client in clients:
         models[f"client_{client.client_id:02d}"] = model_record(result.personalized_model(client.client_id))
 
-    summary = experiment.run_summary(algorithm, result, clients, extra_training_data=mode)
-    return models, experiment.history_table(result.history), experiment.communication_table(result.history), summary
+    summary = run_records.run_summary(algorithm, result, clients, extra_training_data=mode)
+    return models, run_records.history_table(result.history), run_records.communication_table(result.history), summary
 
 
 def _load_checkpoint(path: Path | None, resume: str) -> dict[str, Any] | None:

@@ -1,25 +1,23 @@
-"""Glue between the project's files/parameters and the torch-only core.
+"""Every trained model on the data it should be judged on, and the run's headline numbers.
 
-The core knows tensors and dataclasses; Kedro hands over catalog data (dicts of numpy
-arrays, lazy partition loaders, YAML mappings). These functions translate one into the
-other, so that training, evaluation, the comparison sweep, the benchmark and the Flower
-apps all build a federation the same way.
+``evaluate_models`` scores the global model on the official test split (clean and as each
+imaging device renders it) and on the hospitals' local test splits pooled, and each
+hospital's personalized model on its own local test split and on the unseen device, with
+the majority-class baseline beside both and constant predictors flagged.
+``headline_metrics`` flattens that report and the run summary into the DVC metrics file,
+MLflow's final metrics and the comparison's rows.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-from fedmic_pipeline.configuration import EXTRA_TRAINING_DATA, TrainingConfig, algorithm_params_for
-from fedmic_pipeline.core.algorithms import build_algorithm
-from fedmic_pipeline.core.data import to_client_data, to_tensors
+from fedmic_pipeline.core.data import to_tensors
 from fedmic_pipeline.core.evaluation import (
     SCALAR_METRICS,
     compute_metrics,
@@ -27,79 +25,7 @@ from fedmic_pipeline.core.evaluation import (
     predict_proba,
     summarize_sites,
 )
-from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm
-from fedmic_pipeline.core.simulation import SimulationResult, run_simulation
-
-logger = logging.getLogger(__name__)
-
-ArraysOrLoader = Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
-
-
-def data_spec(dataset_info: Mapping[str, Any]) -> DataSpec:
-    """Channels, classes and image size as ingestion recorded them."""
-    return DataSpec(
-        in_channels=int(dataset_info["n_channels"]),
-        num_classes=int(dataset_info["n_classes"]),
-        image_size=int(dataset_info.get("size", 28)),
-    )
-
-
-def _materialise(value: ArraysOrLoader) -> Mapping[str, np.ndarray]:
-    return value() if callable(value) else value
-
-
-def client_id_of(partition_id: str) -> int:
-    """`client_07` -> 7 (the partition files' naming)."""
-    try:
-        return int(partition_id.rsplit("_", 1)[-1])
-    except ValueError:
-        raise ConfigurationError(f"Partition '{partition_id}' is not named client_<number>.") from None
-
-
-def with_extra_training_data(arrays: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    """A client's arrays with `extra` (a synthetic or augmented set) appended to train only.
-
-    Validation and test splits stay untouched: synthetic samples never reach a test set.
-    """
-    merged = dict(arrays)
-    n_real = len(arrays["train_labels"])
-    if extra is None or len(extra["labels"]) == 0:
-        merged["train_is_synthetic"] = np.zeros(n_real, dtype=bool)
-        return merged
-    if extra["images"].shape[1:] != arrays["train_images"].shape[1:]:
-        raise ConfigurationError(
-            f"Extra training images have shape {extra['images'].shape[1:]}, the client's "
-            f"{arrays['train_images'].shape[1:]}: regenerate the synthetic sets for this partition."
-        )
-    merged["train_images"] = np.concatenate([arrays["train_images"], extra["images"]])
-    merged["train_labels"] = np.concatenate([arrays["train_labels"], extra["labels"].astype(np.int64)])
-    flags = np.asarray(extra.get("is_synthetic", np.ones(len(extra["labels"]), dtype=bool)), dtype=bool)
-    merged["train_is_synthetic"] = np.concatenate([np.zeros(n_real, dtype=bool), flags])
-    return merged
-
-
-def build_clients(
-    client_partitions: Mapping[str, ArraysOrLoader],
-    extra_training_sets: Mapping[str, ArraysOrLoader] | None = None,
-) -> list[ClientData]:
-    """Every hospital's ClientData (on the CPU; the runner moves them to the device once)."""
-    if not client_partitions:
-        raise ConfigurationError("No client partitions found: run `kedro run --pipelines data_partition` first.")
-    clients = []
-    for partition_id in sorted(client_partitions):
-        arrays = _materialise(client_partitions[partition_id])
-        extra = None
-        if extra_training_sets is not None:
-            if partition_id not in extra_training_sets:
-                raise ConfigurationError(
-                    f"No extra training set for {partition_id}: regenerate the synthetic sets "
-                    "(`kedro run --pipelines synthetic_generation`) for the current partition."
-                )
-            extra = _materialise(extra_training_sets[partition_id])
-        if extra is not None or "train_is_synthetic" not in arrays:
-            arrays = with_extra_training_data(arrays, extra)
-        clients.append(to_client_data(arrays, client_id_of(partition_id)))
-    return clients
+from fedmic_pipeline.core.protocol import ClientData, ConfigurationError
 
 
 def global_test_tensors(global_test_set: Mapping[str, np.ndarray], device_name: str | None = None):
@@ -113,44 +39,6 @@ def global_test_tensors(global_test_set: Mapping[str, np.ndarray], device_name: 
 
 def device_names(global_test_set: Mapping[str, np.ndarray]) -> list[str]:
     return [str(name) for name in np.asarray(global_test_set["device_names"]).tolist()]
-
-
-def extra_training_sets(
-    mode: str,
-    client_partitions: Mapping[str, ArraysOrLoader],
-    synthetic_sets: Mapping[str, ArraysOrLoader] | None,
-    seed: int,
-) -> dict[str, Mapping[str, np.ndarray]] | None:
-    """What each hospital adds to its local training data (the FedSSG switch and ablation).
-
-    `synthetic`: its FedSSG synthetic set. `augmented`: the same number of classically
-    augmented real samples of the same classes (`core.augment`). `none`: nothing.
-    """
-    from fedmic_pipeline.core.augment import augment_like
-
-    if mode not in EXTRA_TRAINING_DATA:
-        raise ConfigurationError(f"training.extra_training_data must be one of {', '.join(EXTRA_TRAINING_DATA)}, got '{mode}'.")
-    if mode == "none":
-        return None
-    if not synthetic_sets:
-        raise ConfigurationError(
-            f"training.extra_training_data={mode} needs the synthetic sets: run `kedro run --pipelines synthetic_generation` first."
-        )
-    missing = sorted(set(client_partitions) - set(synthetic_sets))
-    if missing:
-        raise ConfigurationError(f"No synthetic set for {missing}: regenerate the synthetic sets for the current partition.")
-    sets = {key: _materialise(synthetic_sets[key]) for key in sorted(client_partitions)}
-    if mode == "synthetic":
-        return sets
-    extra = {}
-    for key, synthetic in sets.items():
-        arrays = _materialise(client_partitions[key])
-        extra[key] = augment_like(arrays["train_images"], arrays["train_labels"], synthetic["labels"], seed=seed + client_id_of(key))
-    return extra
-
-
-def make_algorithm(name: str, algorithm_params: Mapping[str, Any], spec: DataSpec) -> FederatedAlgorithm:
-    return build_algorithm(name, algorithm_params_for(name, algorithm_params), spec)
 
 
 def _metrics(model, x, y, num_classes: int, evaluation: Mapping[str, Any], n_bootstrap: int | None = None) -> dict[str, Any]:
@@ -251,61 +139,6 @@ def evaluate_models(
     return report
 
 
-def history_table(history: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per round (1-based) with the scalar curves of the run."""
-    columns = (
-        "train_loss", "train_accuracy", "lr", "global_val_accuracy", "global_val_balanced_accuracy",
-        "personalized_val_accuracy", "personalized_val_balanced_accuracy",
-        "bytes_up_total", "bytes_down_total", "bytes_dense_total", "train_time_s", "eval_time_s", "samples_per_s",
-    )  # fmt: skip
-    rows = []
-    for record in history:
-        row = {"round": record["round"] + 1, "num_sampled": len(record["sampled"])}
-        row.update({key: record.get(key) for key in columns})
-        row["sampled"] = " ".join(str(c) for c in record["sampled"])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def communication_table(history: list[dict[str, Any]]) -> pd.DataFrame:
-    """Exact bytes per sampled client per round, beside FedAvg's dense size."""
-    rows = [
-        {
-            "round": record["round"] + 1,
-            "client_id": client,
-            "bytes_up": up,
-            "bytes_down": down,
-            "bytes_dense_one_way": record["bytes_dense_per_client"],
-        }
-        for record in history
-        for client, up, down in zip(record["sampled"], record["bytes_up"], record["bytes_down"], strict=True)
-    ]
-    return pd.DataFrame(rows, columns=["round", "client_id", "bytes_up", "bytes_down", "bytes_dense_one_way"])
-
-
-def run_summary(
-    algorithm: FederatedAlgorithm, result: SimulationResult, clients: list[ClientData], extra_training_data: str = "none"
-) -> dict[str, Any]:
-    """What a run was (resolved config, runner settings) and what it cost (bytes, time)."""
-    communication = communication_table(result.history)
-    return {
-        "algorithm": algorithm.name,
-        "algorithm_config": algorithm.describe() if hasattr(algorithm, "describe") else {"algorithm": algorithm.name},
-        "simulation": result.config_dict(),
-        "totals": result.totals(),
-        "selection": result.selector.summary(),
-        "mb_up_per_client_per_round": float(communication["bytes_up"].mean() / 1e6) if len(communication) else 0.0,
-        "mb_down_per_client_per_round": float(communication["bytes_down"].mean() / 1e6) if len(communication) else 0.0,
-        "num_clients": len(clients),
-        "train_samples": {f"client_{c.client_id:02d}": c.num_train for c in clients},
-        "synthetic_train_samples": {
-            f"client_{c.client_id:02d}": int(c.train_is_synthetic.sum()) if c.train_is_synthetic is not None else 0
-            for c in clients
-        },
-        "extra_training_data": extra_training_data,
-    }
-
-
 def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
@@ -358,37 +191,3 @@ def headline_metrics(evaluation_report: dict[str, Any], training_summary: dict[s
     flat["communication.mb_up_per_client_per_round"] = training_summary["mb_up_per_client_per_round"]
     flat["wall_time_s"] = totals["wall_time_s"]
     return flat
-
-
-def run_and_evaluate(
-    method: str,
-    algorithm_params: Mapping[str, Any],
-    dataset_info: Mapping[str, Any],
-    client_arrays: Mapping[str, ArraysOrLoader],
-    global_test_set: Mapping[str, np.ndarray],
-    held_out_device: str | None,
-    training: Mapping[str, Any],
-    evaluation: Mapping[str, Any],
-    extra: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any], SimulationResult]:
-    """One in-memory run of `method` and its evaluation (the comparison and the ablation).
-
-    Returns the evaluation report, the run summary and the simulation result.
-    """
-    spec = data_spec(dataset_info)
-    algorithm = make_algorithm(method, algorithm_params, spec)
-    clients = build_clients(client_arrays, extra)
-    config = TrainingConfig.from_params({**training, "algorithm": method})
-    result = run_simulation(algorithm, clients, spec, config.simulation)
-    report = evaluate_models(
-        global_model=result.global_model(),
-        personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},
-        clients=clients,
-        global_test_set=global_test_set,
-        dataset_info=dataset_info,
-        held_out_device=held_out_device,
-        evaluation=evaluation,
-        last_global_model=result.last_global_model(),
-        last_personalized={c.client_id: result.last_personalized_model(c.client_id) for c in clients},
-    )
-    return report, run_summary(algorithm, result, clients), result

@@ -1,0 +1,167 @@
+"""A federation built from the project's catalog data: the one translation into the core.
+
+The core knows tensors and dataclasses; Kedro hands over catalog data (dicts of numpy
+arrays, lazy partition loaders, YAML mappings). These functions turn one into the other,
+so that training, evaluation, the comparison, the ablation and the recipe benchmark all
+build hospitals, extra training data and algorithms the same way (the Flower apps load
+the same files through ``flower/task.py`` and the same ``to_client_data``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from fedmic_pipeline.configuration import EXTRA_TRAINING_DATA, TrainingConfig, algorithm_params_for
+from fedmic_pipeline.core.algorithms import build_algorithm
+from fedmic_pipeline.core.data import to_client_data
+from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm
+from fedmic_pipeline.core.simulation import SimulationResult, run_simulation
+from fedmic_pipeline.model_evaluation import evaluate_models
+from fedmic_pipeline.run_records import run_summary
+
+logger = logging.getLogger(__name__)
+
+ArraysOrLoader = Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
+
+
+def data_spec(dataset_info: Mapping[str, Any]) -> DataSpec:
+    """Channels, classes and image size as ingestion recorded them."""
+    return DataSpec(
+        in_channels=int(dataset_info["n_channels"]),
+        num_classes=int(dataset_info["n_classes"]),
+        image_size=int(dataset_info.get("size", 28)),
+    )
+
+
+def _materialise(value: ArraysOrLoader) -> Mapping[str, np.ndarray]:
+    return value() if callable(value) else value
+
+
+def client_id_of(partition_id: str) -> int:
+    """`client_07` -> 7 (the partition files' naming)."""
+    try:
+        return int(partition_id.rsplit("_", 1)[-1])
+    except ValueError:
+        raise ConfigurationError(f"Partition '{partition_id}' is not named client_<number>.") from None
+
+
+def with_extra_training_data(arrays: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """A client's arrays with `extra` (a synthetic or augmented set) appended to train only.
+
+    Validation and test splits stay untouched: synthetic samples never reach a test set.
+    """
+    merged = dict(arrays)
+    n_real = len(arrays["train_labels"])
+    if extra is None or len(extra["labels"]) == 0:
+        merged["train_is_synthetic"] = np.zeros(n_real, dtype=bool)
+        return merged
+    if extra["images"].shape[1:] != arrays["train_images"].shape[1:]:
+        raise ConfigurationError(
+            f"Extra training images have shape {extra['images'].shape[1:]}, the client's "
+            f"{arrays['train_images'].shape[1:]}: regenerate the synthetic sets for this partition."
+        )
+    merged["train_images"] = np.concatenate([arrays["train_images"], extra["images"]])
+    merged["train_labels"] = np.concatenate([arrays["train_labels"], extra["labels"].astype(np.int64)])
+    flags = np.asarray(extra.get("is_synthetic", np.ones(len(extra["labels"]), dtype=bool)), dtype=bool)
+    merged["train_is_synthetic"] = np.concatenate([np.zeros(n_real, dtype=bool), flags])
+    return merged
+
+
+def build_clients(
+    client_partitions: Mapping[str, ArraysOrLoader],
+    extra_training_sets: Mapping[str, ArraysOrLoader] | None = None,
+) -> list[ClientData]:
+    """Every hospital's ClientData (on the CPU; the runner moves them to the device once)."""
+    if not client_partitions:
+        raise ConfigurationError("No client partitions found: run `kedro run --pipelines data_partition` first.")
+    clients = []
+    for partition_id in sorted(client_partitions):
+        arrays = _materialise(client_partitions[partition_id])
+        extra = None
+        if extra_training_sets is not None:
+            if partition_id not in extra_training_sets:
+                raise ConfigurationError(
+                    f"No extra training set for {partition_id}: regenerate the synthetic sets "
+                    "(`kedro run --pipelines synthetic_generation`) for the current partition."
+                )
+            extra = _materialise(extra_training_sets[partition_id])
+        if extra is not None or "train_is_synthetic" not in arrays:
+            arrays = with_extra_training_data(arrays, extra)
+        clients.append(to_client_data(arrays, client_id_of(partition_id)))
+    return clients
+
+
+def extra_training_sets(
+    mode: str,
+    client_partitions: Mapping[str, ArraysOrLoader],
+    synthetic_sets: Mapping[str, ArraysOrLoader] | None,
+    seed: int,
+) -> dict[str, Mapping[str, np.ndarray]] | None:
+    """What each hospital adds to its local training data (the FedSSG switch and ablation).
+
+    `synthetic`: its FedSSG synthetic set. `augmented`: the same number of classically
+    augmented real samples of the same classes (`core.augment`). `none`: nothing.
+    """
+    from fedmic_pipeline.core.augment import augment_like
+
+    if mode not in EXTRA_TRAINING_DATA:
+        raise ConfigurationError(f"training.extra_training_data must be one of {', '.join(EXTRA_TRAINING_DATA)}, got '{mode}'.")
+    if mode == "none":
+        return None
+    if not synthetic_sets:
+        raise ConfigurationError(
+            f"training.extra_training_data={mode} needs the synthetic sets: run `kedro run --pipelines synthetic_generation` first."
+        )
+    missing = sorted(set(client_partitions) - set(synthetic_sets))
+    if missing:
+        raise ConfigurationError(f"No synthetic set for {missing}: regenerate the synthetic sets for the current partition.")
+    sets = {key: _materialise(synthetic_sets[key]) for key in sorted(client_partitions)}
+    if mode == "synthetic":
+        return sets
+    extra = {}
+    for key, synthetic in sets.items():
+        arrays = _materialise(client_partitions[key])
+        extra[key] = augment_like(arrays["train_images"], arrays["train_labels"], synthetic["labels"], seed=seed + client_id_of(key))
+    return extra
+
+
+def make_algorithm(name: str, algorithm_params: Mapping[str, Any], spec: DataSpec) -> FederatedAlgorithm:
+    return build_algorithm(name, algorithm_params_for(name, algorithm_params), spec)
+
+
+def run_and_evaluate(
+    method: str,
+    algorithm_params: Mapping[str, Any],
+    dataset_info: Mapping[str, Any],
+    client_arrays: Mapping[str, ArraysOrLoader],
+    global_test_set: Mapping[str, np.ndarray],
+    held_out_device: str | None,
+    training: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    extra: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], SimulationResult]:
+    """One in-memory run of `method` and its evaluation (the comparison and the ablation).
+
+    Returns the evaluation report, the run summary and the simulation result.
+    """
+    spec = data_spec(dataset_info)
+    algorithm = make_algorithm(method, algorithm_params, spec)
+    clients = build_clients(client_arrays, extra)
+    config = TrainingConfig.from_params({**training, "algorithm": method})
+    result = run_simulation(algorithm, clients, spec, config.simulation)
+    report = evaluate_models(
+        global_model=result.global_model(),
+        personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},
+        clients=clients,
+        global_test_set=global_test_set,
+        dataset_info=dataset_info,
+        held_out_device=held_out_device,
+        evaluation=evaluation,
+        last_global_model=result.last_global_model(),
+        last_personalized={c.client_id: result.last_personalized_model(c.client_id) for c in clients},
+    )
+    return report, run_summary(algorithm, result, clients), result
