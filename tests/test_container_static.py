@@ -23,7 +23,7 @@ import yaml
 
 from fedmic_pipeline.telemetry import TELEMETRY_OFF
 
-ROOT = Path(__file__).resolve().parents[1]
+from fixtures_pipelines import PROJECT_ROOT as ROOT
 RUNTIME_IMAGE = re.compile(
     r"^(?:docker\.io/|nvcr\.io/)?(?:"
     r"nvidia/cuda:(?P<cuda>\d+\.\d+(?:\.\d+)?)-(?:cudnn\d*-)?runtime-ubuntu\d+\.\d+"

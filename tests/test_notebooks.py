@@ -14,12 +14,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
-from test_data_partition_pipeline import _make_project
-from test_training_pipeline import _training_params
+from fixtures_pipelines import PROJECT_ROOT, make_project, training_params, write_training_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 NOTEBOOKS = {
     "01_partitions.ipynb": {"project_dir", "lambdas", "examples_per_client"},
     "02_compare_methods.ipynb": {"tracking_uri", "experiment_name", "max_runs"},
@@ -76,12 +74,10 @@ def tiny_runs(tmp_path_factory):
     from kedro.framework.startup import bootstrap_project
 
     tmp = tmp_path_factory.mktemp("notebooks")
-    project = _make_project(ROOT, tmp)
-    params = _training_params(algorithm="fedavg")
+    project = make_project(tmp)
+    params = training_params(algorithm="fedavg")
     params["evaluation"]["n_bootstrap"] = 20
-    (project / "conf/base/parameters_federated_training.yml").write_text(yaml.safe_dump(params, sort_keys=False))
-    info_path = project / "data/03_primary/dataset_info.json"
-    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "size": 16}))
+    write_training_params(project, params)
     tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)

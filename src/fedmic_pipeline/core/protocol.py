@@ -12,6 +12,7 @@ state) lives in the client state, which never leaves the client.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,14 @@ Metrics = dict[str, float]
 
 class ConfigurationError(ValueError):
     """A parameter is invalid; raised before any training starts, naming the fix."""
+
+
+def reject_unknown_keys(given: Mapping[str, Any], valid: Sequence[str], block: str) -> None:
+    """A ConfigurationError naming the keys of parameter block ``block`` that nothing reads
+    (a typo would otherwise silently keep the default) and the valid ones."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ConfigurationError(f"Unknown {block} parameter(s) {unknown}; valid: {', '.join(valid)}.")
 
 
 @dataclass

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from .image_cells import show_image
+
 _CELL_IN = 0.75  # inches per grid cell of the bubble charts
 _DEVICE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 _HELD_OUT_COLOUR = "#7f7f7f"
@@ -153,13 +155,7 @@ def device_examples_figure(
                 ax.set_axis_off()
                 continue
             c, i = picks[col]
-            img = images[i]
-            if img.ndim == 3 and img.shape[-1] == 1:
-                img = img[..., 0]
-            if img.ndim == 2:
-                ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-            else:
-                ax.imshow(img, interpolation="nearest")
+            show_image(ax, images[i])
             if r == 0:
                 ax.set_title(str(class_names[c]), fontsize=8)
             if col == 0:

@@ -11,16 +11,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from .image_cells import show_image
+
 __all__ = ["synthetic_grid_figure"]
-
-
-def _show(ax, img: np.ndarray) -> None:
-    if img.ndim == 3 and img.shape[-1] == 1:
-        img = img[..., 0]
-    if img.ndim == 2:
-        ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    else:
-        ax.imshow(img, interpolation="nearest")
 
 
 def synthetic_grid_figure(
@@ -59,7 +52,7 @@ def synthetic_grid_figure(
             if images.ndim < 3 or j >= images.shape[0]:
                 ax.set_axis_off()
             else:
-                _show(ax, images[j])
+                show_image(ax, images[j])
                 for spine in ax.spines.values():
                     spine.set_edgecolor("#1f77b4" if side == 0 else "#d62728")
                     spine.set_linewidth(1.5)

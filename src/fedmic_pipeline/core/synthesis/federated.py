@@ -48,7 +48,17 @@ from torch import nn
 
 from ..data import iterate_batches, make_generator, round_generator
 from ..algorithms.fedavg import FedAvgExchange
-from ..protocol import ClientData, ClientState, ConfigurationError, DataSpec, Metrics, Payload, RoundContext, ServerState
+from ..protocol import (
+    ClientData,
+    ClientState,
+    ConfigurationError,
+    DataSpec,
+    Metrics,
+    Payload,
+    RoundContext,
+    ServerState,
+    reject_unknown_keys,
+)
 from ..simulation import SimulationConfig, run_simulation
 from ..training import make_optimizer, payload_to_state, state_to_payload, weighted_average
 from .generator import RECON_LOSSES, ConditionalVAE, build_generator, vae_loss
@@ -113,10 +123,7 @@ class GeneratorTrainingConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> GeneratorTrainingConfig:
         """From the ``synthetic.generator`` parameter block; unknown keys are errors."""
-        valid = [f for f in cls.__dataclass_fields__]
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigurationError(f"Unknown synthetic.generator parameter(s) {unknown}; valid: {', '.join(valid)}.")
+        reject_unknown_keys(params, list(cls.__dataclass_fields__), "synthetic.generator")
         return cls(**dict(params))
 
     def beta_at(self, round_idx: int) -> float:

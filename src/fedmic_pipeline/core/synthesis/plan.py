@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..data import make_generator
-from ..protocol import ConfigurationError
+from ..protocol import ConfigurationError, reject_unknown_keys
 from .generator import ConditionalVAE, images_to_uint8
 
 __all__ = [
@@ -92,10 +92,7 @@ class PlanConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> PlanConfig:
-        valid = list(cls.__dataclass_fields__)
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigurationError(f"Unknown synthetic.plan parameter(s) {unknown}; valid: {', '.join(valid)}.")
+        reject_unknown_keys(params, list(cls.__dataclass_fields__), "synthetic.plan")
         return cls(**dict(params))
 
 

@@ -59,7 +59,7 @@ from torch import nn
 from ..data import derive_seed, make_generator
 from ..evaluation import per_class_recall
 from ..models import build_model
-from ..protocol import ConfigurationError, DataSpec, RoundContext
+from ..protocol import ConfigurationError, DataSpec, RoundContext, reject_unknown_keys
 from ..training import make_optimizer, train_local
 from .generator import ConditionalVAE, images_to_uint8
 
@@ -123,10 +123,7 @@ class QualityConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> QualityConfig:
-        valid = list(cls.__dataclass_fields__)
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigurationError(f"Unknown synthetic.quality parameter(s) {unknown}; valid: {', '.join(valid)}.")
+        reject_unknown_keys(params, list(cls.__dataclass_fields__), "synthetic.quality")
         values = dict(params)
         for key in ("lr", "momentum", "temperature"):
             if key in values:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from fedmic_pipeline import federation
 from fedmic_pipeline import model_evaluation
 from fedmic_pipeline.core.evaluation import SCALAR_METRICS
+from fedmic_pipeline.core.protocol import ConfigurationError
 from fedmic_pipeline.core.models import model_from_record
 from fedmic_pipeline.reporting import training_plots
 from fedmic_pipeline.tracking import mlflow_logging
@@ -43,11 +44,20 @@ def evaluate_federation(
     evaluation: dict[str, Any],
 ) -> dict[str, Any]:
     """The full evaluation report (JSON): global, per device, per site, summaries."""
-    models = {key: model_from_record(_load(record)) for key, record in trained_models.items()}
-    last_global = models.pop("global_last", None)
+    hospitals = sorted(client_partitions)
+    missing = [key for key in hospitals if key not in trained_models]
+    if missing:
+        raise ConfigurationError(
+            f"No trained model for {missing} in data/06_models ({len(trained_models)} model files for {len(hospitals)} "
+            "hospitals): the models were trained on another partition. Retrain on this one: "
+            "`kedro run --pipelines federated_training,evaluation`."
+        )
+    models = {key: model_from_record(_load(trained_models[key])) for key in hospitals}
+    last_global = trained_models.get("global_last")
+    global_model = trained_models.get("global")
     report = model_evaluation.evaluate_models(
-        global_model=models.pop("global", None),
-        last_global_model=last_global,
+        global_model=model_from_record(_load(global_model)) if global_model is not None else None,
+        last_global_model=model_from_record(_load(last_global)) if last_global is not None else None,
         personalized={federation.client_id_of(key): model for key, model in models.items()},
         clients=federation.build_clients(client_partitions),
         global_test_set=global_test_set,

@@ -204,27 +204,12 @@ def test_bad_simulation_settings_fail_before_training(clients: list[ClientData],
         build_algorithm("fedsgd", {}, spec)
 
     calls: list[int] = []
-    tiny = [
-        ClientData(
-            i,
-            clients[0].train_x[:1],
-            clients[0].train_y[:1],
-            clients[0].val_x,
-            clients[0].val_y,
-            clients[0].test_x,
-            clients[0].test_y,
-        )
-        for i in range(3)
-    ]
-    tiny[0] = ClientData(
-        0,
-        clients[0].train_x[:0],
-        clients[0].train_y[:0],
-        clients[0].val_x,
-        clients[0].val_y,
-        clients[0].test_x,
-        clients[0].test_y,
-    )
+    c = clients[0]
+
+    def with_train(client_id: int, n: int) -> ClientData:
+        return ClientData(client_id, c.train_x[:n], c.train_y[:n], c.val_x, c.val_y, c.test_x, c.test_y)
+
+    tiny = [with_train(0, 0), with_train(1, 1), with_train(2, 1)]
     with pytest.raises(ConfigurationError, match="3 clients share only 2 training samples"):
         run_simulation(_fedavg(spec), tiny, spec, SimulationConfig(num_rounds=1), on_round=lambda r: calls.append(1))
     with pytest.raises(ConfigurationError, match=r"fewer than 2 training samples.*\(0, 0\)"):

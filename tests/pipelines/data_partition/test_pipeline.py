@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -14,38 +13,10 @@ import pytest
 import yaml
 
 from fedmic_pipeline.core.partition import SPLIT_NAMES, PartitionError
-from fedmic_pipeline.datasets.npz_dataset import load_npz, save_npz_deterministic
+from fedmic_pipeline.datasets.npz_dataset import load_npz
 from fedmic_pipeline.pipelines.data_partition import nodes
 
-N_CLASSES = 3
-
-
-def synthetic_dataset(n_train: int = 500, n_val: int = 100, n_test: int = 60, size: int = 16, rgb: bool = False, seed: int = 0):
-    """A small, imbalanced, MedMNIST-shaped `validated_dataset` and `dataset_info`."""
-    rng = np.random.default_rng(seed)
-    dataset = {}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        labels = rng.choice(N_CLASSES, size=n, p=[0.2, 0.3, 0.5]).astype(np.int64)
-        shape = (n, size, size, 3) if rgb else (n, size, size)
-        base = (40 + 60 * labels).reshape((n,) + (1,) * (len(shape) - 1))
-        images = np.clip(base + rng.integers(0, 80, size=shape), 0, 255).astype(np.uint8)
-        dataset[f"{split}_images"] = images
-        dataset[f"{split}_labels"] = labels
-        dataset[f"{split}_source_index"] = np.arange(n, dtype=np.int64)
-    info = {
-        "flag": "synthetic",
-        "n_classes": N_CLASSES,
-        "n_channels": 3 if rgb else 1,
-        "label_names": {"0": "calm", "1": "mild", "2": "severe"},
-    }
-    return dataset, info
-
-
-def project_params(**partition_overrides):
-    root = Path(__file__).resolve().parents[1]
-    params = yaml.safe_load((root / "conf/base/parameters_data_partition.yml").read_text())
-    params["partition"].update(partition_overrides)
-    return params
+from fixtures_pipelines import N_CLASSES, make_project, project_params, synthetic_dataset
 
 
 # ---- nodes called directly (fast) ------------------------------------------------------
@@ -145,21 +116,6 @@ def test_gate_nodes_pass_a_good_plan_and_stop_a_leaking_one(tmp_path):
 
 # ---- real Kedro runs (slow: a session, Great Expectations, file I/O) -------------------
 
-def _make_project(root: Path, tmp: Path) -> Path:
-    project = tmp / "project"
-    project.mkdir()
-    shutil.copy(root / "pyproject.toml", project / "pyproject.toml")
-    shutil.copytree(root / "conf", project / "conf", ignore=shutil.ignore_patterns("credentials*", "local"))
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()  # Kedro requires the folder; the package itself is the installed one
-    params = project_params(min_samples_per_client=15)
-    (project / "conf/base/parameters_data_partition.yml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dataset, info = synthetic_dataset()
-    save_npz_deterministic(project / "data/03_primary/dataset.npz", dataset)
-    (project / "data/03_primary/dataset_info.json").write_text(json.dumps(info))
-    return project
-
-
 def _run(project: Path) -> None:
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
@@ -180,7 +136,7 @@ def _snapshot(project: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_kedro_run_writes_everything_and_is_byte_identical(project_root, tmp_path, monkeypatch):
-    project = _make_project(project_root, tmp_path)
+    project = make_project(project_root, tmp_path)
     monkeypatch.chdir(project)  # relative parameter paths (data docs, mlflow.db) stay in the temp project
 
     _run(project)
@@ -216,7 +172,7 @@ def test_kedro_run_writes_everything_and_is_byte_identical(project_root, tmp_pat
 
 @pytest.mark.slow
 def test_kedro_run_stops_at_the_redraw_bound_before_writing(project_root, tmp_path, monkeypatch):
-    project = _make_project(project_root, tmp_path)
+    project = make_project(project_root, tmp_path)
     params = project_params(min_samples_per_client=58, dirichlet_lambda=0.05, max_redraws=20)
     (project / "conf/base/parameters_data_partition.yml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(project)

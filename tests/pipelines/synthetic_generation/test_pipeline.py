@@ -20,11 +20,12 @@ import yaml
 from matplotlib.figure import Figure
 
 from fedmic_pipeline.core.synthesis import SynthesisPlan, client_count_matrix, generator_from_record, state_sha256
-from fedmic_pipeline.datasets.npz_dataset import load_npz, save_npz_deterministic
+from fedmic_pipeline.datasets.npz_dataset import load_npz
 from fedmic_pipeline.pipelines.data_partition import nodes as partition_nodes
 from fedmic_pipeline.pipelines.synthetic_generation import nodes
 
-ROOT = Path(__file__).resolve().parents[1]
+from fixtures_pipelines import PROJECT_ROOT as ROOT
+from fixtures_pipelines import copy_project, write_partition
 N_CLASSES = 3
 KEYS = ["devices", "images", "is_synthetic", "labels"]
 
@@ -210,18 +211,9 @@ def test_gate_passes_clean_sets_and_catches_a_planted_test_image(partition, gene
 # ---- a real Kedro run ---------------------------------------------------------------------------
 
 def _make_project(tmp: Path, partition, synthetic_params: dict) -> Path:
-    clients, global_test, manifest = partition
-    project = tmp / "project"
-    project.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", project / "pyproject.toml")
-    shutil.copytree(ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("credentials*", "local"))
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()  # Kedro requires the folder; the package itself is the installed one
+    project = copy_project(tmp)
     (project / "conf/base/parameters_synthetic_generation.yml").write_text(yaml.safe_dump(synthetic_params, sort_keys=False))
-    for name, arrays in clients.items():
-        save_npz_deterministic(project / f"data/05_model_input/clients/{name}.npz", arrays)
-    save_npz_deterministic(project / "data/05_model_input/global_test.npz", global_test)
-    (project / "data/05_model_input/partition_manifest.json").write_text(json.dumps(manifest))
+    write_partition(project, *partition)
     return project
 
 

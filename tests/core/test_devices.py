@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import yaml
@@ -15,6 +13,8 @@ from fedmic_pipeline.core.devices import (
     assign_devices,
     render_device,
 )
+
+from fixtures_pipelines import PROJECT_ROOT
 
 
 def _images(n: int = 16, size: int = 28, rgb: bool = False, seed: int = 0) -> np.ndarray:
@@ -40,7 +40,7 @@ def _profile(**kwargs) -> DeviceProfile:
 
 
 def _project_profiles() -> DevicesConfig:
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/base/parameters_data_partition.yml").read_text())
+    params = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_data_partition.yml").read_text())
     return DevicesConfig.from_params(params["devices"])
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_data_partition_pipeline import _make_project
-from test_training_pipeline import _training_params
+from fixtures_pipelines import make_project, small_federation, training_params, write_partition
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
@@ -107,21 +106,9 @@ def _write_partition(project: Path) -> None:
     """The tiny partition as data_partition writes it (same nodes, same dataset classes),
     without the pipeline's Great Expectations gate: that is tested elsewhere, and here the
     seconds go to the tracking server."""
-    from fedmic_pipeline.datasets.npz_dataset import save_npz_deterministic
-    from fedmic_pipeline.pipelines.data_partition import nodes as partition_nodes
-    from test_data_partition_pipeline import project_params, synthetic_dataset
-
-    dataset, info = synthetic_dataset()
-    params = project_params(min_samples_per_client=15, num_clients=4)  # 4 personalized models to upload
-    plan = partition_nodes.build_partition_plan(dataset, info, params["partition"], params["devices"])
-    clients, global_test, manifest, _ = partition_nodes.materialise_partition(
-        dataset, info, plan, params["partition"], params["devices"], True
-    )
-    for name, arrays in clients.items():
-        save_npz_deterministic(project / f"data/05_model_input/clients/{name}.npz", arrays)
-    save_npz_deterministic(project / "data/05_model_input/global_test.npz", global_test)
-    (project / "data/05_model_input/partition_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    (project / "data/03_primary/dataset_info.json").write_text(json.dumps({**info, "size": 16}))
+    clients, global_test, info, manifest = small_federation(num_clients=4)  # 4 personalized models to upload
+    write_partition(project, clients, global_test, manifest)
+    (project / "data/03_primary/dataset_info.json").write_text(json.dumps(info))
 
 
 def test_training_and_evaluation_log_run_model_and_champion_over_http(project_root, tmp_path, monkeypatch, tracking_server):
@@ -132,9 +119,9 @@ def test_training_and_evaluation_log_run_model_and_champion_over_http(project_ro
 
     started = time.monotonic()
     url = tracking_server.url
-    project = _make_project(project_root, tmp_path)
+    project = make_project(tmp_path)
     _write_partition(project)
-    params = _training_params(algorithm="fedavg", checkpoint_every=0)
+    params = training_params(algorithm="fedavg", checkpoint_every=0)
     params["evaluation"]["n_bootstrap"] = 20
     (project / "conf/base/parameters_federated_training.yml").write_text(yaml.safe_dump(params, sort_keys=False))
     previous_uri = mlflow.get_tracking_uri()

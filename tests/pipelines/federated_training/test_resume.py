@@ -33,10 +33,9 @@ from fedmic_pipeline.core.checkpoint import (
 )
 from fedmic_pipeline.core.protocol import ConfigurationError
 from fedmic_pipeline.core.simulation import TIMING_KEYS, SimulationConfig, run_simulation
-from fedmic_pipeline.pipelines.data_partition import nodes as partition_nodes
-from test_data_partition_pipeline import _make_project, project_params, synthetic_dataset
+from fixtures_pipelines import PROJECT_ROOT as ROOT
+from fixtures_pipelines import make_project, small_federation, write_training_params
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS, STOP_AFTER = 4, 2
 
 ALGORITHM_PARAMS = {
@@ -57,13 +56,8 @@ class Interrupted(Exception):
 @pytest.fixture(scope="module")
 def federation():
     """Six hospitals on an easy 3-class task (16x16 images); 3 sampled per round."""
-    dataset, info = synthetic_dataset(n_train=300, n_val=60, n_test=60)
-    params = project_params(num_clients=6, min_samples_per_client=15)
-    plan = partition_nodes.build_partition_plan(dataset, info, params["partition"], params["devices"])
-    arrays, global_test, _, _ = partition_nodes.materialise_partition(
-        dataset, info, plan, params["partition"], params["devices"], True
-    )
-    spec = build.data_spec({**info, "size": 16})
+    arrays, global_test, info, _ = small_federation(num_clients=6, n_train=300, n_val=60, n_test=60)
+    spec = build.data_spec(info)
     return spec, build.build_clients(arrays), model_evaluation.global_test_tensors(global_test)
 
 
@@ -282,13 +276,8 @@ def _node_params(checkpoint_dir: Path, **training):
 
 @pytest.fixture(scope="module")
 def node_inputs():
-    dataset, info = synthetic_dataset(n_train=300, n_val=60, n_test=60)
-    params = project_params(num_clients=4, min_samples_per_client=15)
-    plan = partition_nodes.build_partition_plan(dataset, info, params["partition"], params["devices"])
-    clients, global_test, _, _ = partition_nodes.materialise_partition(
-        dataset, info, plan, params["partition"], params["devices"], True
-    )
-    return clients, global_test, {**info, "size": 16}
+    clients, global_test, info, _ = small_federation(num_clients=4, n_train=300, n_val=60, n_test=60)
+    return clients, global_test, info
 
 
 def test_node_removes_the_checkpoint_of_a_completed_run_and_refuses_a_missing_one(node_inputs, tmp_path, caplog):
@@ -334,13 +323,11 @@ def test_kedro_run_killed_mid_run_resumes_to_the_same_history(project_root, tmp_
     from kedro.framework.startup import bootstrap_project
 
     rounds = 12  # the kill lands after round 1: far from the end, so the run never completes first
-    project = _make_project(project_root, tmp_path)
+    project = make_project(tmp_path)
     params = yaml.safe_load((project / "conf/base/parameters_federated_training.yml").read_text())
     params["training"].update({"algorithm": "fedavg", "num_rounds": rounds, "num_threads": 1, "device": "cpu"})
     params["algorithm_params"]["common"].update({"batch_size": 16})
-    (project / "conf/base/parameters_federated_training.yml").write_text(yaml.safe_dump(params, sort_keys=False))
-    info_path = project / "data/03_primary/dataset_info.json"
-    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "size": 16}))
+    write_training_params(project, params)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(project)

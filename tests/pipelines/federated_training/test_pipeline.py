@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from fedmic_pipeline.core.protocol import ConfigurationError
-from fedmic_pipeline.pipelines.data_partition import nodes as partition_nodes
 from fedmic_pipeline.pipelines.federated_training.nodes import train_federated
-from test_data_partition_pipeline import _make_project, project_params, synthetic_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _training_params(**overrides):
-    params = yaml.safe_load((ROOT / "conf/base/parameters_federated_training.yml").read_text())
-    params["training"].update({"num_rounds": 2, "join_ratio": 0.5, "num_threads": 1, **overrides})
-    params["algorithm_params"]["fedmic"].update({"teacher_model": "student_cnn"})
-    params["algorithm_params"]["common"].update({"batch_size": 16})
-    return params
+from fixtures_pipelines import make_project, training_params, write_training_params
+from fixtures_pipelines import small_federation as in_memory_federation
 
 
 @pytest.fixture(scope="module")
 def small_federation():
     """An easy 3-class task (brightness encodes the class) split over 10 hospitals."""
-    dataset, info = synthetic_dataset()
-    params = project_params(min_samples_per_client=15)
-    plan = partition_nodes.build_partition_plan(dataset, info, params["partition"], params["devices"])
-    clients, global_test, manifest, _ = partition_nodes.materialise_partition(
-        dataset, info, plan, params["partition"], params["devices"], True
-    )
-    return clients, global_test, {**info, "size": 16}, manifest
+    return in_memory_federation(num_clients=10)
 
 
 def _train(federation, **training_overrides):
     clients, global_test, info, _ = federation
-    params = _training_params(**training_overrides)
+    params = training_params(**training_overrides)
     return train_federated(clients, info, params["training"], params["algorithm_params"])
 
 
@@ -80,7 +62,7 @@ def test_fedmic_uploads_less_than_fedavg_and_keeps_teachers_personal(small_feder
 )
 def test_bad_configuration_fails_before_training(small_federation, overrides, algorithm_overrides, message):
     clients, global_test, info, _ = small_federation
-    params = _training_params(**overrides)
+    params = training_params(**overrides)
     params["algorithm_params"]["fedmic"].update(algorithm_overrides)
     never_loaded = {key: _explode for key in clients}  # training would load client data first
     with pytest.raises(ConfigurationError, match=message):
@@ -96,7 +78,7 @@ def test_more_clients_than_samples_is_refused(small_federation):
     tiny = {}
     for key, arrays in clients.items():
         tiny[key] = {**arrays, "train_images": arrays["train_images"][:0], "train_labels": arrays["train_labels"][:0]}
-    params = _training_params(algorithm="fedavg")
+    params = training_params(algorithm="fedavg")
     with pytest.raises(ConfigurationError, match="(?i)sample|empty"):
         train_federated(tiny, info, params["training"], params["algorithm_params"])
 
@@ -108,12 +90,10 @@ def test_kedro_training_and_evaluation_log_a_complete_mlflow_run(project_root, t
     from kedro.framework.startup import bootstrap_project
     from mlflow.tracking import MlflowClient
 
-    project = _make_project(project_root, tmp_path)
-    params = _training_params(algorithm="fedavg")
+    project = make_project(tmp_path)
+    params = training_params(algorithm="fedavg")
     params["evaluation"]["n_bootstrap"] = 50
-    (project / "conf/base/parameters_federated_training.yml").write_text(yaml.safe_dump(params, sort_keys=False))
-    info_path = project / "data/03_primary/dataset_info.json"
-    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "size": 16}))
+    write_training_params(project, params)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(project)

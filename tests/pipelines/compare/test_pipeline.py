@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from fedmic_pipeline.pipelines.compare import nodes
-from test_data_partition_pipeline import project_params, synthetic_dataset
-from test_training_pipeline import ROOT
+from fixtures_pipelines import PROJECT_ROOT as ROOT
+from fixtures_pipelines import project_params, synthetic_dataset
 
 
 def test_comparison_runs_every_method_on_each_grid_point_and_tabulates(tmp_path, caplog):

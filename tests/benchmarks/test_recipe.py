@@ -19,7 +19,7 @@ from fedmic_pipeline import federation
 from fedmic_pipeline import model_evaluation
 from fedmic_pipeline.core.evaluation import compute_metrics, predict_proba
 from fedmic_pipeline.core.simulation import SimulationConfig, run_simulation
-from test_training_pipeline import ROOT
+from fixtures_pipelines import PROJECT_ROOT as ROOT
 
 #: (normal, pneumonia) training images per hospital; val and test are a quarter of that
 HOSPITALS = ((60, 60), (90, 4), (4, 140), (3, 100))
