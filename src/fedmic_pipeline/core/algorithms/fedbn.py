@@ -76,11 +76,11 @@ class FedBN(FedAvg):
         _, local = self._split_keys(model)
         return {"norm": state_to_payload(model, local)}
 
-    def client_update(
-        self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
+    def local_update(
+        self, model: nn.Module, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
     ) -> tuple[Payload, ClientState, Metrics]:
-        model = self.scratch_model()
-        payload_to_state(model, payload)
+        """FedAvg's local training over the received weights with this client's own
+        normalization layers; only the non-normalization entries are uploaded."""
         payload_to_state(model, state["norm"])
         stats = self.train(model, data, ctx)
         shared, local = self._split_keys(model)
