@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from fixtures_medmnist import fake_arrays, make_project_copy, register_release, write_release
-from fedmic_pipeline.audit import collect, data_sections, hashing, integrity, render
+from fedmic_pipeline import hashing
+from fedmic_pipeline.audit import collect, data_sections, integrity, render
 from fedmic_pipeline.audit.inputs import AuditInputs
 
 FLAG = "pneumoniamnist"
@@ -215,6 +216,38 @@ def test_one_flipped_byte_in_a_partition_is_reported_then_enforced(finished_run)
         assert "Data changed since the run" in html and "client_02.npz" in html.split('id="verdict"')[1].split("</section>")[0]
     finally:
         target.write_bytes(original)
+
+
+@pytest.mark.slow
+def test_lineage_is_what_the_run_read_and_a_foreign_dvc_lock_is_no_alarm(finished_run, project_root):
+    """A `kedro run` records the md5 of every file it read, not dvc.lock's; the committed lock
+    of another dataset then neither becomes the run's lineage nor a 'changed' alarm."""
+    from mlflow.tracking import MlflowClient
+
+    project = finished_run["project"]
+    run_id = json.loads((project / "data/07_model_output/mlflow_run.json").read_text())["mlflow_run_id"]
+    tags = MlflowClient(tracking_uri=finished_run["tracking_uri"]).get_run(run_id).data.tags
+    assert tags["dvc.stage"] == "none" and not [k for k in tags if k.startswith("dvc.") and ":" in k]
+    read = {k.removeprefix("data.md5:"): v for k, v in tags.items() if k.startswith("data.md5:")}
+    clients = sorted((project / "data/05_model_input/clients").glob("*.npz"))
+    assert {f"data/05_model_input/clients/{c.name}" for c in clients} <= set(read)
+    for path, md5 in read.items():
+        assert hashing.file_digest(project / path) == md5, path
+
+    lock = project / "dvc.lock"
+    shutil.copy(project_root / "dvc.lock", lock)  # the repository's lock: another dataset's hashes
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", finished_run["tracking_uri"])
+            mp.chdir(project)
+            _kedro(project, ["audit"])
+        integrity = _report(project)["integrity"]
+        assert integrity["status"] == "PASS" and integrity["changed_files"] == []
+        skipped = [c for c in integrity["checks"] if c["subject"] == "dvc.lock" and c["status"] == "SKIPPED"]
+        assert skipped and "kedro run" in skipped[0]["actual"]
+        assert sum(c["category"] == "run inputs" and c["status"] == "PASS" for c in integrity["checks"]) == len(read)
+    finally:
+        lock.unlink()
 
 
 @pytest.mark.slow

@@ -59,7 +59,8 @@ def data_category(path: str) -> str:
 
 
 def data_versioning(lock: Mapping[str, Any] | None, run_tags: Mapping[str, str]) -> dict[str, Any]:
-    """dvc.lock's hashes per kind of data, and what the lock recorded when the run trained."""
+    """dvc.lock's hashes per kind of data, what the lock recorded when the run trained (a run
+    made by `dvc repro` only), and the md5 of every file the run read (its own record)."""
     groups: dict[str, list[dict[str, Any]]] = {k: [] for k in ("raw_and_validated_data", "partitions", "synthetic_sets", "models", "reports")}
     current: dict[str, str] = {}
     stages = (lock or {}).get("stages") or {}
@@ -76,7 +77,7 @@ def data_versioning(lock: Mapping[str, Any] | None, run_tags: Mapping[str, str])
             groups[data_category(out["path"])].append(
                 {"stage": stage, "role": "output", "path": out["path"], "md5": out["md5"], "size": out.get("size"), "nfiles": out.get("nfiles")}
             )
-    at_run = {key[len("dvc."):]: value for key, value in run_tags.items() if key.startswith("dvc.")}
+    at_run = {key[len("dvc."):]: value for key, value in run_tags.items() if key.startswith("dvc.") and ":" in key}
     changed = [
         {"output": key, "at_run": value, "now": current.get(key, "absent from dvc.lock")}
         for key, value in sorted(at_run.items())
@@ -88,6 +89,8 @@ def data_versioning(lock: Mapping[str, Any] | None, run_tags: Mapping[str, str])
         **groups,
         "recorded_at_run": at_run,
         "lock_changed_since_run": changed,
+        "made_by": "dvc repro" if run_tags.get("dvc.stage", "none") not in ("", "none") else "kedro run",
+        "run_inputs": {key[len("data.md5:"):]: value for key, value in sorted(run_tags.items()) if key.startswith("data.md5:")},
     }
 
 

@@ -1,8 +1,10 @@
 """Re-hash the data the audited run used, against what was recorded when it ran.
 
-The references are the run's tags (`partition.manifest_sha256`, `dataset.md5`,
-`dvc.<stage>:<path>`), the partition and synthetic manifests' per-array sha256,
-dataset_info's md5 and dvc.lock. Each check carries the role of what it hashed: a changed
+The references are what the run itself recorded: its tags (`data.md5:<path>` for every file
+it read, `partition.manifest_sha256`, `dataset.md5`), the partition and synthetic manifests'
+per-array sha256 and dataset_info's md5. dvc.lock is a reference only for a run that
+`dvc repro` made (tag `dvc.stage`): after a plain `kedro run` the committed lock describes
+other data, and comparing against it would report every regenerated file as changed. Each check carries the role of what it hashed: a changed
 input of the run is a FAIL (the results no longer belong to the data on disk), a changed
 output or an unused set only a WARN. Raising on a FAIL is left to the pipeline's
 `enforce_integrity` node, after the report is saved.
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmic_pipeline.audit.data_sections import data_category
-from fedmic_pipeline.audit.hashing import dvc_dir_md5, file_digest, npz_member_hashes
+from fedmic_pipeline.hashing import dvc_dir_md5, file_digest, npz_member_hashes
 from fedmic_pipeline.audit.inputs import AuditContext, AuditInputs
 from fedmic_pipeline.audit.report_values import FAIL, MISSING, PASS, SKIPPED, WARN
 from fedmic_pipeline.tracking.lineage import content_hash
@@ -179,6 +181,27 @@ def _lock_since_run(lock: Mapping[str, Any] | None, run_tags: Mapping[str, str],
     return checks
 
 
+def _inputs_since_run(run_tags: Mapping[str, str], project_root: Path) -> list[dict[str, Any]]:
+    """Every file the run read, hashed now, against the md5 the run recorded (`data.md5:*` tags)."""
+    checks = []
+    for key, recorded in sorted(run_tags.items()):
+        if not key.startswith("data.md5:"):
+            continue
+        path = key[len("data.md5:"):]
+        reference = f"run tag {key} (hashed when the run trained)"
+        if not (project_root / path).exists():
+            checks.append(_check("run inputs", path, reference, recorded, "missing", MISSING, "an input of the run is gone"))
+            continue
+        now = file_digest(project_root / path)
+        checks.append(_check("run inputs", path, reference, recorded, now, PASS if now == recorded else FAIL,
+                             "" if now == recorded else "the run trained on other data than is here now"))  # fmt: skip
+    return checks
+
+
+def _made_by_dvc_repro(run_tags: Mapping[str, str]) -> bool:
+    return run_tags.get("dvc.stage", "none") not in ("", "none")
+
+
 def verify_integrity(inputs: AuditInputs, context: AuditContext) -> dict[str, Any]:
     """Re-hash the data the run used against what was recorded when it ran."""
     project_root, paths, lock = context.project_root, context.paths, context.lock
@@ -224,9 +247,17 @@ def verify_integrity(inputs: AuditInputs, context: AuditContext) -> dict[str, An
         synthetic_dir = project_root / paths.get("synthetic_clients", "data/05_model_input/synthetic")
         checks += _npz_checks("synthetic", synthetic_dir, synthetic_manifest.get("sha256") or {}, "synthetic_manifest.json sha256",
                               INPUT if synthetic_used else UNUSED, project_root)  # fmt: skip
-    # 7. everything dvc.lock versions, and whether the lock moved since the run
-    checks += _dvc_checks(lock, project_root, project_root / paths.get("dvc_cache", ".dvc/cache"), synthetic_used)
-    checks += _lock_since_run(lock, run_tags, synthetic_used)
+    # 7. every file the run read, against the hashes it recorded
+    checks += _inputs_since_run(run_tags, project_root)
+    # 8. dvc.lock, only for a run `dvc repro` made: everything it versions, and whether it moved since
+    if _made_by_dvc_repro(run_tags):
+        checks += _dvc_checks(lock, project_root, project_root / paths.get("dvc_cache", ".dvc/cache"), synthetic_used)
+        checks += _lock_since_run(lock, run_tags, synthetic_used)
+    elif lock is not None:
+        checks.append(_check("dvc", "dvc.lock", "the run's dvc.stage tag", "a run made by `dvc repro`",
+                             f"made by `kedro run` (dvc.stage = {run_tags.get('dvc.stage', 'not recorded')})", SKIPPED,
+                             "dvc.lock describes the data of the last `dvc repro`, not this run's; the run's own input "
+                             "hashes are checked above", role=UNUSED))  # fmt: skip
     return summarise_checks(checks)
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from fedmic_pipeline.audit.hashing import file_digest
+from fedmic_pipeline.hashing import file_digest
 from fedmic_pipeline.audit.report_values import format_number
 
 

@@ -1,4 +1,10 @@
-"""Facts that tie a run to its code and data: git commit, dirty flag, DVC hashes.
+"""Facts that tie a run to its code and data: git commit, dirty flag, the data's hashes.
+
+The data hashes are those of the files the run read (``input_hashes``), computed when it
+ran, never copied from dvc.lock: a run on another dataset, or one made with `kedro run`
+after the data changed, would otherwise carry the committed lock's hashes as its lineage.
+``dvc_stage`` says whether `dvc repro` made the run (DVC sets DVC_STAGE for a stage's
+command); only then does dvc.lock describe the run's data.
 
 Everything here degrades to an explicit "unknown" rather than failing a run: a training
 run outside a git checkout (for example in a container) must still train, and the audit
@@ -10,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,34 @@ def git_state(project_root: Path) -> dict[str, Any]:
         "git_commit": commit or UNKNOWN,
         "git_dirty": UNKNOWN if dirty is None else bool(dirty),
     }
+
+
+#: What a training run reads (the data deps of dvc.yaml's train stage), relative to the project root.
+TRAINING_INPUTS = (
+    "data/03_primary/dataset_info.json",
+    "data/05_model_input/partition_manifest.json",
+    "data/05_model_input/clients",
+)
+SYNTHETIC_INPUT = "data/05_model_input/synthetic"
+
+
+def input_hashes(project_root: Path, paths: Iterable[str]) -> dict[str, str]:
+    """``path -> md5`` of every file among ``paths`` that exists, a directory file by file
+    (so a check can name the one file that changed)."""
+    from fedmic_pipeline.hashing import file_digest
+
+    hashes: dict[str, str] = {}
+    for path in paths:
+        target = project_root / path
+        files = sorted(f for f in target.rglob("*") if f.is_file()) if target.is_dir() else [target] if target.is_file() else []
+        for file in files:
+            hashes[file.relative_to(project_root).as_posix()] = file_digest(file)
+    return hashes
+
+
+def dvc_stage() -> str | None:
+    """The dvc.yaml stage running this process (`dvc repro` sets DVC_STAGE), else None."""
+    return os.environ.get("DVC_STAGE") or None
 
 
 def dvc_lock_hashes(project_root: Path) -> dict[str, str]:

@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmic_pipeline.tracking.lineage import content_hash, dvc_lock_hashes, git_state
+from fedmic_pipeline.tracking.lineage import (
+    SYNTHETIC_INPUT,
+    TRAINING_INPUTS,
+    content_hash,
+    dvc_lock_hashes,
+    dvc_stage,
+    git_state,
+    input_hashes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +66,22 @@ def log_metric_history(run_id: str, history: pd.DataFrame, step_column: str = "r
     return len(metrics)
 
 
-def lineage_tags(dataset_info: Mapping[str, Any], partition_manifest: Mapping[str, Any], seed: int) -> dict[str, str]:
-    """The facts that tie a model to its code and data (git, DVC, manifests, seed)."""
+def lineage_tags(
+    dataset_info: Mapping[str, Any], partition_manifest: Mapping[str, Any], seed: int, synthetic_used: bool = False
+) -> dict[str, str]:
+    """The facts that tie a model to its code and data: git, the md5 of every file the run
+    read (``data.md5:<path>``), manifests, seed; and, only when `dvc repro` made the run
+    (``dvc.stage``), dvc.lock's hashes at that moment (``dvc.<stage>:<path>``)."""
     project_root = Path.cwd()  # kedro runs from the project root
     tags = {key: str(value) for key, value in git_state(project_root).items()}
-    for out, md5 in dvc_lock_hashes(project_root).items():
-        tags[f"dvc.{out}"] = md5
+    inputs = [*TRAINING_INPUTS, *([SYNTHETIC_INPUT] if synthetic_used else [])]
+    for path, md5 in input_hashes(project_root, inputs).items():
+        tags[f"data.md5:{path}"] = md5
+    stage = dvc_stage()
+    tags["dvc.stage"] = stage or "none"
+    if stage is not None:
+        for out, md5 in dvc_lock_hashes(project_root).items():
+            tags[f"dvc.{out}"] = md5
     tags.update(
         {
             "dataset.flag": str(dataset_info.get("flag")),
@@ -133,7 +151,8 @@ def log_training_run(
         return {"mlflow_run_id": None}
     import mlflow
 
-    tags = lineage_tags(dataset_info, partition_manifest, seed)
+    synthetic_used = str(summary.get("extra_training_data", "none")) != "none"
+    tags = lineage_tags(dataset_info, partition_manifest, seed, synthetic_used=synthetic_used)
     tags["algorithm"] = str(summary["algorithm"])
     mlflow.set_tags(tags)
     mlflow.log_params(_flat_params("resolved", summary.get("algorithm_config", {})))

@@ -1,9 +1,9 @@
-"""Content hashes computed exactly as the run's own records computed them.
+"""Content hashes, computed the same way wherever they are recorded and checked.
 
-Integrity means comparing today's files with hashes recorded at run time, so each digest
-here reproduces its recorder: md5 of a file or of a directory's listing as DVC 3 writes it
-in dvc.lock, and sha256 of each array's .npy bytes as the partition and synthetic
-manifests hold it.
+Lineage and integrity compare files with hashes recorded at run time (the run's MLflow
+tags, dvc.lock, the manifests), so each digest here reproduces its recorder: md5 of a file
+or of a directory's listing as DVC 3 writes it in dvc.lock, and sha256 of
+each array's .npy bytes as the partition and synthetic manifests hold it.
 """
 
 from __future__ import annotations
