@@ -56,7 +56,7 @@ def _train_and_register(name, value, data, record, metric=METRIC):
 
 
 def _promote(tracking, store, **rule):
-    return registry.promote_from_tracking(tracking, {}, {"min_improvement": 0.005, **rule}, tracking_uri=store)
+    return registry.promote_from_tracking(tracking, {}, {"metric": METRIC, "min_improvement": 0.005, **rule}, tracking_uri=store)
 
 
 def _client(store):
@@ -153,8 +153,26 @@ def test_lower_is_better_metric(store, tiny_record):
 def test_candidate_metric_falls_back_to_the_evaluation_file(store, tiny_record):
     name = "fallback-global"
     tracking = _train_and_register(name, None, DATA_A, tiny_record)  # nothing logged in the run
-    decision = registry.promote_from_tracking(tracking, {"global.balanced_accuracy": 0.8}, {}, store)
+    decision = registry.promote_from_tracking(tracking, {"global.balanced_accuracy": 0.8}, {"metric": METRIC}, store)
     assert decision["decision"] == "promoted" and decision["candidate"]["value"] == pytest.approx(0.8)
+
+
+def test_the_default_rule_decides_on_validation_and_never_promotes_below_the_majority_baseline(store, tiny_record):
+    from mlflow.tracking import MlflowClient
+
+    assert PromotionRule().metric == "total.selected_global_val_balanced_accuracy"  # validation, not the test set
+    name = "majority-floor-global"
+    tracking = _train_and_register(name, 0.5, DATA_A, tiny_record, metric="total.selected_global_val_balanced_accuracy")
+    MlflowClient().log_metric(tracking["mlflow_run_id"], registry.MAJORITY_METRIC, 0.5)  # two classes: 1 / K
+    first = registry.promote_from_tracking(tracking, {}, {}, tracking_uri=store)
+    assert first["decision"] == "not_promoted" and "majority-class baseline" in first["reason"]
+    assert _champion(store, name) is None  # not even the first version of a data version
+    assert _client(store).get_model_version(name, "1").tags["promotion.majority_baseline"] == repr(0.5)
+
+    better = _train_and_register(name, 0.61, DATA_A, tiny_record, metric="total.selected_global_val_balanced_accuracy")
+    MlflowClient().log_metric(better["mlflow_run_id"], registry.MAJORITY_METRIC, 0.5)
+    assert registry.promote_from_tracking(better, {}, {}, tracking_uri=store)["decision"] == "promoted"
+    assert _champion(store, name) == "2"
 
 
 def test_nothing_to_promote_is_a_skipped_decision(store):

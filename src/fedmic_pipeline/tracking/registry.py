@@ -42,7 +42,9 @@ SKIPPED = "skipped"
 
 MANIFEST_TAG = "partition.manifest_sha256"
 DATASET_TAG = "dataset.md5"
-_RULE_KEYS = ("enabled", "metric", "greater_is_better", "min_improvement", "alias")
+#: The majority-class baseline's balanced accuracy (1 / K for any constant predictor), as evaluation logs it.
+MAJORITY_METRIC = "final.majority_class.global.balanced_accuracy"
+_RULE_KEYS = ("enabled", "metric", "greater_is_better", "min_improvement", "alias", "must_beat_majority")
 
 
 class PromotionConfigError(ValueError):
@@ -51,13 +53,21 @@ class PromotionConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PromotionRule:
-    """Which metric decides, in which direction, by how much, and which alias moves."""
+    """Which metric decides, in which direction, by how much, and which alias moves.
 
-    metric: str = "final.global.balanced_accuracy"
+    The default metric is the selected round's pooled *validation* balanced accuracy (the
+    training run's ``total.selected_global_val_balanced_accuracy``): the test set judges a
+    model, it never chooses one. ``must_beat_majority``: a candidate whose balanced accuracy
+    does not exceed the majority-class baseline's (1 / K) is never promoted, not even as the
+    first champion of a data version.
+    """
+
+    metric: str = "total.selected_global_val_balanced_accuracy"
     greater_is_better: bool = True
     min_improvement: float = 0.0
     alias: str = "champion"
     enabled: bool = True
+    must_beat_majority: bool = True
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> PromotionRule:
@@ -89,6 +99,7 @@ class PromotionRule:
             min_improvement=improvement,
             alias=alias,
             enabled=bool(rule.enabled),
+            must_beat_majority=bool(rule.must_beat_majority),
         )
 
     def data_alias(self, data_key: str) -> str:
@@ -172,13 +183,16 @@ def decide_and_apply(
     rule: PromotionRule,
     candidate_value_fallback: float | None = None,
     candidate_constant: bool | None = None,
+    majority_fallback: float | None = None,
 ) -> dict[str, Any]:
     """Apply the promotion rule to registered version `version` of `name`; return the decision.
 
     `candidate_value_fallback` is used when the candidate's run lacks `rule.metric` (the
     headline numbers of the evaluation that just ran, before they reached MLflow), and
     `candidate_constant` when it lacks `final.global.constant_predictor`. A constant
-    predictor (one class for >= 95 % of the global test set) is never promoted.
+    predictor (one class for >= 95 % of the global test set) is never promoted, nor, under
+    ``rule.must_beat_majority``, a balanced accuracy at or below the majority-class baseline
+    (the run's ``final.majority_class.global.balanced_accuracy``, else ``majority_fallback``).
     """
     version = str(version)
     candidate = _version_facts(client, name, version, rule.metric)
@@ -187,6 +201,10 @@ def decide_and_apply(
         candidate_constant = None if flag is None else bool(flag)
     if candidate["value"] is None and candidate_value_fallback is not None and math.isfinite(candidate_value_fallback):
         candidate["value"] = float(candidate_value_fallback)
+    floor_applies = rule.must_beat_majority and rule.greater_is_better and "balanced_accuracy" in rule.metric
+    majority = _metric(client, candidate["run_id"], MAJORITY_METRIC) if floor_applies else None
+    if majority is None and floor_applies and majority_fallback is not None and math.isfinite(majority_fallback):
+        majority = float(majority_fallback)
     data: DataVersion = candidate["data_version"]
     aliases_before = _aliases(client, name)
 
@@ -213,6 +231,12 @@ def decide_and_apply(
     elif candidate["value"] is None:
         decision = NOT_PROMOTED
         reason = f"the candidate's run has no finite value of {rule.metric}: cannot judge it; aliases unchanged"
+    elif majority is not None and candidate["value"] <= majority:
+        decision = NOT_PROMOTED
+        reason = (
+            f"{rule.metric} {candidate['value']:.6g} does not beat the majority-class baseline's balanced accuracy "
+            f"{majority:.6g} (always predicting one class): it has learned nothing usable; aliases unchanged"
+        )
     elif not data.known:
         missing = [t for t, v in ((MANIFEST_TAG, data.partition_manifest_sha256), (DATASET_TAG, data.dataset_md5)) if not v]
         if champion is None:
@@ -273,6 +297,7 @@ def decide_and_apply(
         "promotion.greater_is_better": str(rule.greater_is_better),
         "promotion.min_improvement": repr(rule.min_improvement),
         "promotion.candidate_value": "none" if candidate["value"] is None else repr(candidate["value"]),
+        "promotion.majority_baseline": "none" if majority is None else repr(majority),
         "promotion.compared": str(compared),
         "promotion.compared_with_version": reference["version"] if compared else "none",
         "promotion.champion_value": repr(reference["value"]) if compared else "none",
@@ -352,10 +377,12 @@ def promote_from_tracking(
     except (TypeError, ValueError):
         fallback_value = None
     constant = evaluation_metrics.get("global.constant_predictor")
+    majority = evaluation_metrics.get(MAJORITY_METRIC.removeprefix("final."))
     try:
         return decide_and_apply(
             client, registered["registered_model"], registered["version"], rule, fallback_value,
             candidate_constant=None if constant is None else bool(constant),
+            majority_fallback=float(majority) if isinstance(majority, (int, float)) else None,
         )  # fmt: skip
     except MlflowException as error:
         raise RuntimeError(
