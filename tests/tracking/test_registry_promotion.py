@@ -7,6 +7,8 @@ its `final.*` metric the way evaluation logs it, into the same run.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedmic_pipeline.tracking import registry
@@ -173,6 +175,39 @@ def test_the_default_rule_decides_on_validation_and_never_promotes_below_the_maj
     MlflowClient().log_metric(better["mlflow_run_id"], registry.MAJORITY_METRIC, 0.5)
     assert registry.promote_from_tracking(better, {}, {}, tracking_uri=store)["decision"] == "promoted"
     assert _champion(store, name) == "2"
+
+
+def test_a_registered_model_ships_its_code_and_requirements(store, tiny_record, tmp_path):
+    """The registered model needs only torch, numpy (and MLflow to load it) and the core it carries (code/), which
+    imports neither Kedro nor MLflow; it loads and predicts like the record it came from."""
+    import subprocess
+    import sys
+
+    import mlflow.pytorch
+    import torch
+    from mlflow.artifacts import download_artifacts
+
+    from fedmic_pipeline.core.models import model_from_record
+
+    tracking = _train_and_register("shipped-global", 0.7, DATA_A, tiny_record)
+    uri = f"models:/shipped-global/{tracking['registered']['version']}"
+    local = Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} == {"torch", "numpy", "mlflow"}  # mlflow: the loader itself
+    core = local / "code/fedmic_pipeline/core"
+    assert (core / "models.py").is_file() and not (local / "code/fedmic_pipeline/pipelines").exists()
+    # the shipped core imports only torch and numpy: load it alone, in a fresh interpreter
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import fedmic_pipeline.core.models as m; "
+        "assert m.__file__.startswith(sys.argv[1]), m.__file__; "
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('kedro', 'mlflow', 'great_expectations', 'flwr')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", probe, str(local / "code")], check=True, cwd=tmp_path)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model_from_record(tiny_record)(x)
+        assert torch.allclose(mlflow.pytorch.load_model(uri)(x), expected)
 
 
 def test_nothing_to_promote_is_a_skipped_decision(store):

@@ -126,15 +126,33 @@ def register_global_model(record: dict[str, Any], name: str) -> dict[str, Any]:
     example = np.zeros((2, spec["in_channels"], spec["image_size"], spec["image_size"]), dtype=np.float32)
     with torch.no_grad():
         proba = torch.softmax(model(torch.from_numpy(example)), dim=1).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name="global_model",
-        signature=infer_signature(example, proba),
-        input_example=example,
-        registered_model_name=name,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
+    with tempfile.TemporaryDirectory() as code:
+        info = mlflow.pytorch.log_model(
+            model,
+            name="global_model",
+            signature=infer_signature(example, proba),
+            input_example=example,
+            registered_model_name=name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            code_paths=[str(_core_package(Path(code)))],
+        )
     return {"model_uri": info.model_uri, "registered_model": name, "version": getattr(info, "registered_model_version", None)}
+
+
+def _core_package(target: Path) -> Path:
+    """A copy of ``fedmic_pipeline`` holding only its torch+numpy core: the pickled model's
+    classes live in ``fedmic_pipeline.core.models``, so a registered model ships the code it
+    needs and loads with torch and numpy alone, outside this project's environment."""
+    import shutil
+
+    import fedmic_pipeline
+
+    source = Path(fedmic_pipeline.__file__).parent
+    package = target / "fedmic_pipeline"
+    package.mkdir(parents=True)
+    shutil.copy2(source / "__init__.py", package / "__init__.py")
+    shutil.copytree(source / "core", package / "core", ignore=shutil.ignore_patterns("__pycache__"))
+    return package
 
 
 def log_training_run(
