@@ -31,9 +31,6 @@ from fedmic_pipeline.tracking.lineage import (
 
 logger = logging.getLogger(__name__)
 
-_MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
-
-
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(float(value))
 
@@ -60,9 +57,7 @@ def log_metric_history(run_id: str, history: pd.DataFrame, step_column: str = "r
         for column in history.columns
         if column != step_column and _finite(row[column])
     ]
-    client = MlflowClient()
-    for start in range(0, len(metrics), _MAX_BATCH):
-        client.log_batch(run_id, metrics=metrics[start : start + _MAX_BATCH])
+    MlflowClient().log_batch(run_id, metrics=metrics)  # MLflow splits it into requests of <= 1000
     return len(metrics)
 
 
@@ -216,13 +211,8 @@ def log_evaluation(
     now = int(time.time() * 1000)
     entries = [Metric(key=f"final.{k}", value=float(v), timestamp=now, step=0) for k, v in metrics.items() if _finite(v)]
     client.log_batch(run_id, metrics=entries)
-    with tempfile.TemporaryDirectory() as tmp:
-        report_path = Path(tmp) / "evaluation_report.json"
-        report_path.write_text(json.dumps(report, indent=2, default=float))
-        client.log_artifact(run_id, str(report_path), artifact_path="evaluation")
-        for name, figure in figures.items():
-            path = Path(tmp) / name
-            figure.savefig(path, dpi=110, bbox_inches="tight")
-            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    client.log_dict(run_id, json.loads(json.dumps(report, default=float)), "evaluation/evaluation_report.json")
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"evaluation/{name}", save_kwargs={"dpi": 110, "bbox_inches": "tight"})
     logger.info("Logged %d final metrics and %d figures to MLflow run %s", len(entries), len(figures), run_id)
     return {"mlflow_run_id": run_id, "final_metrics": len(entries)}
