@@ -202,3 +202,15 @@ def test_dvc_experiment_sweep_compares_two_methods(project_root: Path, tmp_path:
     for column in ("training.algorithm", "global.accuracy", "personalized.mean.accuracy", "communication.mb_up_total"):
         assert column in header, table
     assert all(name in table for name in EXPERIMENTS), table
+
+
+def test_grid_clock_estimates_the_time_left_from_trained_runs_only() -> None:
+    from fedmic_pipeline.sweeps import GridClock
+
+    clock = GridClock(4)
+    cached = clock.tick()  # a cache hit: no cost measured yet, so no estimate
+    assert cached.startswith("1/4, ") and "left" not in cached
+    line = clock.tick(trained_s=120.0)  # one trained run of 2 min, two runs to go
+    assert line.startswith("2/4, ") and line.endswith("about 4 min left")
+    clock.tick(trained_s=60.0)
+    assert clock.tick().endswith("min in all")

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from fedmic_pipeline import federation, synthetic_sets
 from fedmic_pipeline.partitioning import partition_in_memory
 from fedmic_pipeline.reporting import ablation_plots
-from fedmic_pipeline.sweeps import as_list, cell_params, check_methods
+from fedmic_pipeline.sweeps import GridClock, as_list, cell_params, check_methods
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_ablation(
     rare = _rare_class(validated_dataset)
     run_training = {**training, **ablation.get("training_overrides", {})}
     run_evaluation = {**evaluation, "n_bootstrap": int(ablation.get("n_bootstrap", 0))}
-    rows, total, done = [], len(seeds) * len(methods) * len(ARMS), 0
+    rows, clock = [], GridClock(len(seeds) * len(methods) * len(ARMS))
     for seed in seeds:
         part_params, device_params = cell_params(partition, devices, ablation["dirichlet_lambda"], seed)
         clients_arrays, global_test_set, manifest = partition_in_memory(validated_dataset, dataset_info, part_params, device_params)
@@ -63,7 +63,6 @@ def run_ablation(
         n_synthetic = int(sum(len(s["labels"]) for s in synthesised.values()))
         for method in methods:
             for arm in ARMS:
-                done += 1
                 started = time.perf_counter()
                 extra = federation.extra_training_sets(arm, clients_arrays, synthesised, seed)
                 report, _, _ = federation.run_and_evaluate(
@@ -72,10 +71,11 @@ def run_ablation(
                 )  # fmt: skip
                 row = _row(report, method, arm, seed, rare, n_synthetic)
                 rows.append(row)
+                took = time.perf_counter() - started
                 logger.info(
-                    "ablation %d/%d: %s + %s seed=%d | rare-class recall global %s personalized %.3f | unseen-device acc %s | %.0fs",
-                    done, total, method, arm, seed, _fmt(row["global.rare_class_recall"]),
-                    row["personalized.rare_class_recall"], _fmt(row["unseen_device.global.accuracy"]), time.perf_counter() - started,
+                    "ablation %s: %s + %s seed=%d | rare-class recall global %s personalized %.3f | unseen-device acc %s | %.0fs",
+                    clock.tick(took), method, arm, seed, _fmt(row["global.rare_class_recall"]),
+                    row["personalized.rare_class_recall"], _fmt(row["unseen_device.global.accuracy"]), took,
                 )  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -29,7 +29,7 @@ from fedmic_pipeline import run_records
 from fedmic_pipeline.datasets.atomic import write_bytes_atomically
 from fedmic_pipeline.partitioning import partition_in_memory
 from fedmic_pipeline.reporting import comparison_plots, comparison_tables, findings
-from fedmic_pipeline.sweeps import as_list, cell_params, check_methods
+from fedmic_pipeline.sweeps import GridClock, as_list, cell_params, check_methods
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +107,13 @@ def run_comparison(
     grid = comparison_grid(compare, default_join_ratio=float(run_training.get("join_ratio", 1.0)))
     check_methods((m for _, _, _, m in grid), algorithm_params, dataset_info)
     cache_dir = Path(compare["cache_dir"]) if compare.get("cache_dir") else None
-    total, done = len(grid), 0
+    clock = GridClock(len(grid))
     run_evaluation = {**evaluation, "n_bootstrap": int(compare.get("n_bootstrap", evaluation["n_bootstrap"]))}
     dataset = str(dataset_info.get("flag"))
     rows, curves = [], []
-    started_grid = time.perf_counter()
     partition_key: tuple[float, int] | None = None
     for lam, join, seed, method in grid:
         part_params, device_params = cell_params(partition, devices, lam, seed)
-        done += 1
         settings = {**run_training, "seed": int(seed), "join_ratio": float(join)}
         key = _cache_key(
             method=method, dataset_md5=dataset_info.get("md5"), partition=part_params, devices=device_params,
@@ -126,7 +124,7 @@ def run_comparison(
         cached = _read_cache(path)
         if cached is not None:
             row, history = cached
-            logger.info("compare %d/%d: %s lambda=%s join=%s seed=%s from the cache", done, total, method, lam, join, seed)
+            logger.info("compare %s: %s lambda=%s join=%s seed=%s from the cache", clock.tick(), method, lam, join, seed)
         else:
             if partition_key != (lam, seed):  # the grid is sorted so that each partition is built once
                 client_arrays, global_test_set, manifest = partition_in_memory(validated_dataset, dataset_info, part_params, device_params)
@@ -146,12 +144,11 @@ def run_comparison(
             )
             _log_nested_run(row, history, summary)
             _write_cache(path, row, history)
-            elapsed = time.perf_counter() - started_grid
+            took = time.perf_counter() - started
             logger.info(
-                "compare %d/%d: %s lambda=%s join=%s seed=%s | global bal. acc %s | personalized bal. acc %s | "
-                "%.0fs (grid %.0f min so far)",
-                done, total, method, lam, join, seed, _fmt(row["global.balanced_accuracy"]),
-                _fmt(row["personalized.mean.balanced_accuracy"]), time.perf_counter() - started, elapsed / 60,
+                "compare %s: %s lambda=%s join=%s seed=%s | global bal. acc %s | personalized bal. acc %s | %.0fs",
+                clock.tick(took), method, lam, join, seed, _fmt(row["global.balanced_accuracy"]),
+                _fmt(row["personalized.mean.balanced_accuracy"]), took,
             )  # fmt: skip
         rows.append(row)
         curves.append(history)
