@@ -7,12 +7,12 @@ import torch
 
 from fedmic_pipeline.core.algorithms import ALGORITHMS, build_algorithm
 from fedmic_pipeline.core.algorithms.fedbn import norm_keys
-from fedmic_pipeline.core.algorithms.fedmic import META_BASE_VERSION, META_VERSION
+from fedmic_pipeline.core.algorithms.fedmic import CATCH_UP, META_BASE_VERSION, META_VERSION
 from fedmic_pipeline.core.algorithms.moon import model_contrastive_loss
 from fedmic_pipeline.core.codec import encode_update
 from fedmic_pipeline.core.distillation import DistillConfig, Projections, distillation_losses
 from fedmic_pipeline.core.models import ResNet18, build_model, state_nbytes
-from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, RoundContext
+from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, RoundContext, payload_nbytes
 from fedmic_pipeline.core.simulation import SimulationConfig, evaluate_result, run_simulation
 
 from .conftest import NUM_CLASSES, TINY_STUDENT
@@ -166,9 +166,43 @@ def test_fedmic_downlink_delta_reconstructs_the_server_view(clients: list[Client
         )
 
 
-def test_fedmic_downlink_requires_full_participation(clients: list[ClientData], spec: DataSpec) -> None:
-    with pytest.raises(ConfigurationError, match="join_ratio: 1.0"):
-        _run("fedmic", clients, spec, rounds=1, join_ratio=0.5, downlink_compression=True)
+def test_fedmic_downlink_catch_up_gives_every_hospital_the_servers_model(clients: list[ClientData], spec: DataSpec) -> None:
+    """Partial participation with compressed broadcasts: a hospital that missed rounds gets the
+    deltas it missed (or the dense model when smaller), one never seen gets the dense model;
+    each then holds exactly the server's C_t, and its bytes are what it received."""
+    alg = build_algorithm("fedmic", _params("fedmic", downlink_compression=True, local_epochs=1), spec)
+    server, payload = alg.init_server(seed=0)
+    states = {c.client_id: alg.init_client(c.client_id, c, 0) for c in clients}
+    dense_bytes = payload_nbytes(payload)  # the first broadcast is the dense model (+ version)
+    schedule = [(0,), (1,), (2,), (0,), (0, 1, 2), (1,)]
+    kinds: dict[tuple[int, int], str] = {}
+    for rnd, sampled in enumerate(schedule):
+        ctx = RoundContext(rnd, len(schedule), 0, torch.device("cpu"), sampled=sampled, num_clients=3)
+        server_view = {k: v.clone() for k, v in server["view_model"].state_dict().items()}
+        uploads = []
+        for cid in sampled:
+            sent = alg.payload_for(cid, payload, server)
+            kinds[rnd, cid] = (
+                "broadcast" if sent is payload else "catch-up" if any(k.startswith(CATCH_UP) for k in sent) else "dense"
+            )
+            assert payload_nbytes(sent) <= dense_bytes
+            up, states[cid], _ = alg.client_update(states[cid], clients[cid], sent, ctx)
+            uploads.append((up, clients[cid].num_train))
+            assert all(torch.equal(states[cid]["view"][k], server_view[k]) for k in alg.shared_keys()), (rnd, cid)
+            assert states[cid]["version"] == server["version"]
+        payload, server = alg.aggregate(server, uploads, ctx)
+    assert kinds[1, 1] == kinds[2, 2] == "dense"  # never seen before
+    assert kinds[3, 0] == "catch-up"  # missed versions 1-2: three small deltas beat the dense model
+    assert kinds[4, 0] == "broadcast"  # held the previous version
+    assert kinds[4, 1] == kinds[4, 2] == "catch-up" and kinds[5, 1] == "broadcast"
+    assert min(server["broadcasts"]) > min(server["client_versions"].values())  # what nobody needs is dropped
+
+
+def test_fedmic_downlink_runs_under_partial_participation(clients: list[ClientData], spec: DataSpec) -> None:
+    result = _run("fedmic", clients, spec, rounds=3, join_ratio=0.67, downlink_compression=True)
+    assert [len(r["sampled"]) for r in result.history] == [2, 2, 2]
+    assert all(len(r["bytes_down"]) == 2 for r in result.history)
+    assert result.history[-1]["bytes_down_total"] < result.history[0]["bytes_down_total"]
 
 
 # --- FedBN -------------------------------------------------------------------------

@@ -43,15 +43,15 @@ class LocalClients:
         self.contexts: list[RoundContext] = []
         self.evaluated: list[int] = []
 
-    def train(self, ctx: RoundContext, payload: dict) -> RoundUpdates:
+    def train(self, ctx: RoundContext, payloads: dict) -> RoundUpdates:
         self.contexts.append(ctx)
         updates = []
-        for cid in ctx.sampled:
+        for cid, payload in payloads.items():
             if cid in self.unreachable:
                 continue
             upload, self.states[cid], metrics = self.algorithm.client_update(self.states[cid], self.by_id[cid], payload, ctx)
             updates.append(ClientUpdate(cid, upload, self.by_id[cid].num_train, metrics))
-        return RoundUpdates(updates=updates, num_sent=len(ctx.sampled), transport={"dropped": sorted(self.unreachable)})
+        return RoundUpdates(updates=updates, sent=list(payloads), transport={"dropped": sorted(self.unreachable)})
 
     def evaluate(self, ctx: RoundContext, server_state: dict, selector: Any) -> RoundEvaluation:
         self.evaluated.append(ctx.round)
@@ -124,10 +124,10 @@ def test_callbacks_hear_a_failed_round_and_the_history_keeps_the_rounds_done(spe
     engine, transport, recorder = _engine(spec, clients, config)
     real_train = transport.train
 
-    def failing_train(ctx: RoundContext, payload: dict) -> RoundUpdates:
+    def failing_train(ctx: RoundContext, payloads: dict) -> RoundUpdates:
         if ctx.round == 1:
             raise RuntimeError("node lost")
-        return real_train(ctx, payload)
+        return real_train(ctx, payloads)
 
     transport.train = failing_train
     state = engine.start()

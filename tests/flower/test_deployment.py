@@ -324,10 +324,11 @@ def _check_against_in_process(result: Any, reference: SimulationResult) -> None:
         ):
             assert 0 < wire_payload - core_bytes <= WIRE_PER_ARRAY * arrays + WIRE_PER_RECORD
             assert 0 < wire_total - wire_payload <= WIRE_MESSAGE_EXTRA
-        for wire_payload, wire_total, core_bytes in zip(
-            flower["wire_payload_bytes_down"], flower["wire_bytes_down"], flower["bytes_down"], strict=True
+        for wire_payload, wire_total, core_bytes, arrays in zip(
+            flower["wire_payload_bytes_down"], flower["wire_bytes_down"], flower["bytes_down"], flower["arrays_down"],
+            strict=True,
         ):
-            assert 0 < wire_payload - core_bytes <= WIRE_PER_ARRAY * flower["arrays_down"] + WIRE_PER_RECORD
+            assert 0 < wire_payload - core_bytes <= WIRE_PER_ARRAY * arrays + WIRE_PER_RECORD
             assert 0 < wire_total - wire_payload <= WIRE_MESSAGE_EXTRA
     assert history[-1]["global_val_balanced_accuracy"] is not None
 

@@ -5,8 +5,9 @@ Every runner trains through ``RoundEngine.run``: the in-process simulation
 benchmark. What differs between them is *where the clients' work happens*, so that is the
 one thing they supply, as a ``Transport``:
 
-* ``train(ctx, payload)``: run ``client_update`` for the round's sampled clients (in this
-  process, or by sending Flower messages) and return their ``ClientUpdate``s;
+* ``train(ctx, payloads)``: run ``client_update`` for the round's sampled clients, each on
+  its own payload (in this process, or by sending Flower messages), and return their
+  ``ClientUpdate``s;
 * ``evaluate(ctx, server_state, selector)``: score the global model on the hospitals'
   validation splits (pooled confusion counts) and each hospital's personalized model on
   its own split.
@@ -137,13 +138,13 @@ class ClientUpdate:
 class RoundUpdates:
     """What a transport returns for one round's training.
 
-    ``num_sent``: the clients the payload reached (more than ``len(updates)`` when a node
+    ``sent``: the clients their payload reached (more than the answering ones when a node
     failed after receiving it: its download still happened). ``transport``: the runner's
     own record fields (Flower's wire sizes and failures), merged into the round record.
     """
 
     updates: list[ClientUpdate]
-    num_sent: int
+    sent: list[int]
     transport: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -167,7 +168,7 @@ class RoundRecord:
     """One round of the history (``as_dict`` is what histories, checkpoints and tables hold).
 
     Bytes are ``payload_nbytes`` of the very dicts passed: ``bytes_up`` per answering
-    client, ``bytes_down`` per client reached, ``bytes_dense_per_client`` FedAvg's size of
+    client, ``bytes_down`` per client reached (its own payload: ``payload_for``), ``bytes_dense_per_client`` FedAvg's size of
     the shared model one way and ``bytes_dense_total`` that for every message sent or
     received. Train metrics are sample-weighted over the answering clients; the
     personalized ones are unweighted means over hospitals.
@@ -224,7 +225,7 @@ class EngineState:
 class Transport(Protocol):
     """Where clients do their work (see the module docstring)."""
 
-    def train(self, ctx: RoundContext, payload: Payload) -> RoundUpdates: ...
+    def train(self, ctx: RoundContext, payloads: Mapping[int, Payload]) -> RoundUpdates: ...
 
     def evaluate(self, ctx: RoundContext, server_state: ServerState, selector: ValidationSelector) -> RoundEvaluation: ...
 
@@ -335,8 +336,8 @@ class RoundEngine:
     def _round(self, round_idx: int, state: EngineState) -> RoundRecord:
         ctx = self.context(round_idx)
         t0 = time.perf_counter()
-        down = payload_nbytes(state.payload)
-        answer = self.transport.train(ctx, state.payload)
+        payloads = {cid: self.algorithm.payload_for(cid, state.payload, state.server_state) for cid in ctx.sampled or ()}
+        answer = self.transport.train(ctx, payloads)
         updates = answer.updates
         state.payload, state.server_state = self.algorithm.aggregate(
             state.server_state, [(u.upload, u.num_train) for u in updates], ctx
@@ -347,15 +348,16 @@ class RoundEngine:
         weights = [u.num_train for u in updates]
         seen = int(sum(m.get("num_samples", 0.0) for m in client_metrics))
         bytes_up = [payload_nbytes(u.upload) for u in updates]
+        bytes_down = [payload_nbytes(payloads[cid]) for cid in answer.sent]
         record = RoundRecord(
             round=round_idx,
             sampled=list(ctx.sampled or ()),
             bytes_up=bytes_up,
-            bytes_down=[down] * answer.num_sent,
+            bytes_down=bytes_down,
             bytes_dense_per_client=dense,
             bytes_up_total=sum(bytes_up),
-            bytes_down_total=down * answer.num_sent,
-            bytes_dense_total=dense * (answer.num_sent + len(updates)),
+            bytes_down_total=sum(bytes_down),
+            bytes_dense_total=dense * (len(answer.sent) + len(updates)),
             train_loss=_weighted_mean([m.get("loss") for m in client_metrics], weights),
             train_accuracy=_weighted_mean([m.get("accuracy") for m in client_metrics], weights),
             client_metrics=client_metrics,

@@ -133,6 +133,13 @@ class FederatedAlgorithm(ABC):
     ) -> tuple[Payload, ServerState]:
         """Combine (upload, n_train_samples) pairs into the next payload."""
 
+    def payload_for(self, client_id: int, payload: Payload, server_state: ServerState) -> Payload:
+        """What client ``client_id`` is sent this round: the broadcast ``payload`` for every
+        method but one whose downlink depends on what the client already holds (FedMIC's
+        compressed deltas, for a hospital that missed rounds). Called by the server for
+        each client it sends to, just before sending."""
+        return payload
+
     @abstractmethod
     def global_model(self, server_state: ServerState) -> nn.Module | None:
         """The shared model evaluated on the global test set (None for local-only)."""

@@ -236,13 +236,13 @@ class InProcessClients:
         self.config = config
         self.pooled_id = participants[0].client_id if pooled else None
 
-    def train(self, ctx: RoundContext, payload: Payload) -> RoundUpdates:
+    def train(self, ctx: RoundContext, payloads: Mapping[int, Payload]) -> RoundUpdates:
         updates = []
-        for cid in ctx.sampled or ():
+        for cid, payload in payloads.items():
             data = self.by_id[cid]
             upload, self.states[cid], metrics = self.algorithm.client_update(self.states[cid], data, payload, ctx)
             updates.append(ClientUpdate(cid, upload, data.num_train, metrics))
-        return RoundUpdates(updates=updates, num_sent=len(updates))
+        return RoundUpdates(updates=updates, sent=list(payloads))
 
     def evaluate(self, ctx: RoundContext, server_state: ServerState, selector: ValidationSelector) -> RoundEvaluation:
         k, batch = self.spec.num_classes, self.config.eval_batch_size

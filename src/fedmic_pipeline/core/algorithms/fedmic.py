@@ -34,9 +34,13 @@ Interpretations recorded here (also returned by ``describe()`` as ``interpretati
 * ``downlink``: with ``downlink_compression`` the server encodes G_{t+1} - C_t, where C_t
   is the model the clients hold, at the same E(t), and sets C_{t+1} = C_t + decode(.);
   the truncation residual G - C is thereby carried into the next broadcast (server-side
-  error feedback). The global model evaluated is C, the model clients actually hold. A
-  compressed delta is only usable by a client that received the previous broadcast, so
-  downlink compression requires every client in every round (``join_ratio`` = 1).
+  error feedback). The global model evaluated is C, the model clients actually hold.
+* ``downlink_catch_up``: a compressed delta is usable only by a client holding the
+  previous broadcast. Under partial participation the server remembers which version each
+  hospital holds and every delta it broadcast; a hospital that missed rounds receives the
+  deltas it missed, in order (``payload_for``), or the dense C_t when that is smaller, and
+  one it has never seen receives C_t dense. Either way it then holds exactly the server's
+  C_t (the same additions in the same order), and the bytes counted are the ones it got.
 * ``uncompressed``: with ``compress_uplink`` false the dense update travels (an ablation).
 """
 
@@ -55,7 +59,17 @@ from ..codec import ErrorFeedback, decode_update, encode_update, energy_threshol
 from ..data import derive_seed, make_generator
 from ..distillation import DistillConfig, ProjectionMode, Projections, train_dual
 from ..models import MODEL_NAMES, build_model
-from ..protocol import ClientData, ClientState, ConfigurationError, DataSpec, Metrics, Payload, RoundContext, ServerState
+from ..protocol import (
+    ClientData,
+    ClientState,
+    ConfigurationError,
+    DataSpec,
+    Metrics,
+    Payload,
+    RoundContext,
+    ServerState,
+    payload_nbytes,
+)
 from ..training import (
     apply_delta,
     make_optimizer,
@@ -67,12 +81,14 @@ from ..training import (
 )
 from .base import AlgorithmConfig, BaseAlgorithm, register, require
 
-__all__ = ["META_BASE_VERSION", "META_VERSION", "FedMIC", "FedMICConfig"]
+__all__ = ["CATCH_UP", "META_BASE_VERSION", "META_VERSION", "FedMIC", "FedMICConfig"]
 
 logger = logging.getLogger(__name__)
 
 META_VERSION = "__meta__::version"
 META_BASE_VERSION = "__meta__::base_version"
+#: Key prefix of one missed broadcast inside a catch-up payload: ``__catchup__::<version>::<entry>``.
+CATCH_UP = "__catchup__::"
 _TEACHER_TAG = 0x7EAC
 _PROJECTION_TAG = 0x9A0B
 
@@ -165,7 +181,8 @@ class FedMIC(BaseAlgorithm):
         "teacher_init": "same seeded init for every client's teacher and projections",
         "optimizers": "teacher(+A) optimizer persists; student(+B) optimizer fresh each round",
         "teacher_width": "channel multiplier of published widths (1.0 = ResNet-18 as published)",
-        "downlink": "server encodes G - C_clients at E(t); residual carried; requires join_ratio 1",
+        "downlink": "server encodes G - C_clients at E(t); residual carried into the next broadcast",
+        "downlink_catch_up": "a client that missed rounds gets the missed deltas in order, or C_t dense if smaller",
         "rank_rule": "factored iff r*(m+n) < m*n elements; conv as out x (in*kh*kw)",
         "aggregation": "decoded updates averaged weighted by n_k / sum n",
         "personalized_model": "teacher",
@@ -215,8 +232,32 @@ class FedMIC(BaseAlgorithm):
         if self.cfg.downlink_compression:
             view_model = self.new_model(seed)
             server_state["view_model"] = view_model
+            server_state["broadcasts"] = {}  # version -> the encoded delta that made it (catch-up)
+            server_state["client_versions"] = {}  # hospital -> the version it holds
             payload[META_VERSION] = torch.tensor(0, dtype=torch.int64)
         return server_state, payload
+
+    def payload_for(self, client_id: int, payload: Payload, server_state: ServerState) -> Payload:
+        """The broadcast, or what this hospital needs to catch up (``downlink_catch_up``)."""
+        if not self.cfg.downlink_compression:
+            return payload
+        version = int(server_state["version"])
+        held = server_state["client_versions"].get(client_id)
+        server_state["client_versions"][client_id] = version
+        if version == 0 or held == version - 1:
+            return payload
+        dense = {k: v.detach().clone() for k, v in server_state["view_model"].state_dict().items() if k in self._shapes}
+        dense[META_VERSION] = torch.tensor(version, dtype=torch.int64)
+        if held is None:
+            return dense
+        missed = {
+            f"{CATCH_UP}{v}::{key}": tensor
+            for v in range(held + 1, version + 1)
+            for key, tensor in server_state["broadcasts"][v].items()
+        }
+        missed[META_BASE_VERSION] = torch.tensor(held, dtype=torch.int64)
+        missed[META_VERSION] = torch.tensor(version, dtype=torch.int64)
+        return missed if payload_nbytes(missed) < payload_nbytes(dense) else dense
 
     def init_client(self, client_id: int, data: ClientData, seed: int) -> ClientState:
         c = self.cfg
@@ -240,29 +281,27 @@ class FedMIC(BaseAlgorithm):
             "version": None,
         }
 
-    def _check_participation(self, ctx: RoundContext) -> None:
-        if not self.cfg.downlink_compression:
-            return
-        sampled, total = ctx.sampled, ctx.num_clients
-        if sampled is not None and total is not None and len(sampled) < int(total):
-            raise ConfigurationError(
-                f"{self.name}: downlink_compression sends deltas against the previous broadcast, which a client "
-                f"that skipped a round does not have; {len(sampled)} of {total} clients were sampled. "
-                "Set join_ratio: 1.0 or downlink_compression: false."
-            )
-
     def _receive(self, state: ClientState, payload: Payload) -> Payload:
-        """The global student's shared entries, rebuilt from a dense or delta payload."""
+        """The global student's shared entries, rebuilt from a dense payload, one delta, or
+        the missed deltas of a catch-up applied in order (exactly the server's additions)."""
         if META_BASE_VERSION in payload:
             base = int(payload[META_BASE_VERSION])
             if state.get("version") != base:
                 raise RuntimeError(
                     f"{self.name}: the broadcast is a delta against version {base} but this client holds "
-                    f"version {state.get('version')}; downlink compression requires join_ratio 1.0."
+                    f"version {state.get('version')}: the server's record of what each hospital holds is wrong."
                 )
-            body = {k: v for k, v in payload.items() if not k.startswith("__meta__::")}
-            delta = decode_update(body, self._shapes)
-            view = apply_delta(state["view"], delta)
+            if any(k.startswith(CATCH_UP) for k in payload):
+                versions = sorted({int(k[len(CATCH_UP):].split("::", 1)[0]) for k in payload if k.startswith(CATCH_UP)})
+                bodies = [
+                    {k[len(f"{CATCH_UP}{v}::"):]: t for k, t in payload.items() if k.startswith(f"{CATCH_UP}{v}::")}
+                    for v in versions
+                ]
+            else:
+                bodies = [{k: v for k, v in payload.items() if not k.startswith("__meta__::")}]
+            view = state["view"]
+            for body in bodies:
+                view = apply_delta(view, decode_update(body, self._shapes))
             state["view"] = view
             state["version"] = int(payload[META_VERSION])
             return view
@@ -278,7 +317,6 @@ class FedMIC(BaseAlgorithm):
     def client_update(
         self, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
     ) -> tuple[Payload, ClientState, Metrics]:
-        self._check_participation(ctx)
         c = self.cfg
         global_state = self._receive(state, payload)
         student = self.scratch_model()
@@ -340,6 +378,11 @@ class FedMIC(BaseAlgorithm):
         view = state_to_payload(view_model, keys)
         encoded, stats = encode_update(model_delta(new_state, view, keys), self.energy(ctx), self.cfg.fp16_factors)
         payload_to_state(view_model, apply_delta(view, decode_update(encoded, self._shapes)))
+        broadcasts = server_state["broadcasts"]
+        broadcasts[server_state["version"]] = dict(encoded)
+        oldest_held = min(server_state["client_versions"].values(), default=0)
+        for old in [v for v in broadcasts if v <= oldest_held]:  # every known hospital is past it
+            del broadcasts[old]
         encoded[META_BASE_VERSION] = torch.tensor(server_state["version"] - 1, dtype=torch.int64)
         encoded[META_VERSION] = torch.tensor(server_state["version"], dtype=torch.int64)
         server_state["downlink_stats"] = stats.as_metrics(prefix="downlink/", per_layer=False)
