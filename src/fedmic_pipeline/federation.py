@@ -74,13 +74,23 @@ def with_extra_training_data(arrays: Mapping[str, np.ndarray], extra: Mapping[st
 def build_clients(
     client_partitions: Mapping[str, ArraysOrLoader],
     extra_training_sets: Mapping[str, ArraysOrLoader] | None = None,
+    partition_manifest: Mapping[str, Any] | None = None,
 ) -> list[ClientData]:
-    """Every hospital's ClientData (on the CPU; the runner moves them to the device once)."""
+    """Every hospital's ClientData (on the CPU; the runner moves them to the device once).
+
+    With `partition_manifest`, the files must be exactly the hospitals it lists, with the
+    split sizes it records: a deleted, added or foreign client file would otherwise run a
+    federation of other hospitals than the partition describes, without a word.
+    """
     if not client_partitions:
         raise ConfigurationError("No client partitions found: run `kedro run --pipelines data_partition` first.")
+    if partition_manifest is not None:
+        _check_files_against_manifest(client_partitions, partition_manifest)
     clients = []
     for partition_id in sorted(client_partitions):
         arrays = _materialise(client_partitions[partition_id])
+        if partition_manifest is not None:
+            _check_split_sizes(partition_id, arrays, partition_manifest)
         extra = None
         if extra_training_sets is not None:
             if partition_id not in extra_training_sets:
@@ -93,6 +103,37 @@ def build_clients(
             arrays = with_extra_training_data(arrays, extra)
         clients.append(to_client_data(arrays, client_id_of(partition_id)))
     return clients
+
+
+_REWRITE_PARTITION = (
+    "A partition write was interrupted, or client files were added, deleted or copied from another partition. "
+    "Rewrite the partition (client files and manifest together): `kedro run --pipelines data_partition`."
+)
+
+
+def _check_files_against_manifest(client_partitions: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    listed = set(manifest.get("split_sizes") or manifest.get("sha256") or manifest.get("counts") or {})
+    missing, extra = sorted(listed - set(client_partitions)), sorted(set(client_partitions) - listed)
+    if missing or extra:
+        found = [f"missing {', '.join(f'{c}.npz' for c in missing)} (listed in the manifest)"] if missing else []
+        found += [f"extra {', '.join(f'{c}.npz' for c in extra)} (not in the manifest)"] if extra else []
+        raise ConfigurationError(
+            f"The client files do not match partition_manifest.json, which lists {len(listed)} hospitals: "
+            f"{'; '.join(found)}. {_REWRITE_PARTITION}"
+        )
+
+
+def _check_split_sizes(partition_id: str, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> None:
+    recorded = (manifest.get("split_sizes") or {}).get(partition_id) or {}
+    splits = [split for split in ("train", "val", "test") if split in recorded and f"{split}_labels" in arrays]
+    found = {split: len(arrays[f"{split}_labels"]) for split in splits}
+    if any(found[split] != int(recorded[split]) for split in splits):
+        sizes = " / ".join(f"{found[split]} {split}" for split in splits)
+        expected = " / ".join(f"{recorded[split]} {split}" for split in splits)
+        raise ConfigurationError(
+            f"{partition_id}.npz holds {sizes} images, partition_manifest.json records {expected}: the file is not "
+            f"the one this partition wrote. {_REWRITE_PARTITION}"
+        )
 
 
 def extra_training_sets(

@@ -1,13 +1,23 @@
-"""A finished run as records: per-round curves, bytes per client, the run summary."""
+"""A finished run as records: per-round curves, bytes per client, the run summary.
+
+The summary binds the run to its data: the sha256 of the partition manifest it trained on
+and a digest of every model it produced, so evaluation and promotion can refuse models
+edited since, or trained on another partition.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 
 from fedmic_pipeline.core.protocol import ClientData, FederatedAlgorithm
 from fedmic_pipeline.core.simulation import SimulationResult
+from fedmic_pipeline.core.synthesis.generator import state_sha256
+from fedmic_pipeline.tracking.lineage import content_hash
 
 
 def history_table(history: list[dict[str, Any]]) -> pd.DataFrame:
@@ -42,11 +52,40 @@ def communication_table(history: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["round", "client_id", "bytes_up", "bytes_down", "bytes_dense_one_way"])
 
 
+def model_digest(record: Mapping[str, Any]) -> str:
+    """sha256 of a model record: its recipe (architecture, spec, kwargs) and its weights.
+
+    Computed from the tensors (each key in sorted order with dtype, shape and raw bytes),
+    not from the file, so the digest of the models in memory at the end of training equals
+    that of the same models loaded back from data/06_models.
+    """
+    recipe = {key: record.get(key) for key in ("architecture", "spec", "kwargs")}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
+    digest.update(state_sha256(record["state_dict"]).encode())
+    return digest.hexdigest()
+
+
+def manifest_sha256(partition_manifest: Mapping[str, Any]) -> str:
+    """The partition's identity: the same hash as the run's MLflow tag `partition.manifest_sha256`."""
+    return content_hash(partition_manifest)
+
+
 def run_summary(
-    algorithm: FederatedAlgorithm, result: SimulationResult, clients: list[ClientData], extra_training_data: str = "none"
+    algorithm: FederatedAlgorithm,
+    result: SimulationResult,
+    clients: list[ClientData],
+    extra_training_data: str = "none",
+    models: Mapping[str, Mapping[str, Any]] | None = None,
+    partition_manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What a run was (resolved config, runner settings) and what it cost (bytes, time)."""
+    """What a run was (resolved config, runner settings) and what it cost (bytes, time);
+    with `models` and `partition_manifest`, what it produced from which partition."""
     communication = communication_table(result.history)
+    binding: dict[str, Any] = {}
+    if partition_manifest is not None:
+        binding["partition_manifest_sha256"] = manifest_sha256(partition_manifest)
+    if models is not None:
+        binding["model_sha256"] = {key: model_digest(record) for key, record in sorted(models.items())}
     return {
         "algorithm": algorithm.name,
         "algorithm_config": algorithm.describe() if hasattr(algorithm, "describe") else {"algorithm": algorithm.name},
@@ -62,4 +101,5 @@ def run_summary(
             for c in clients
         },
         "extra_training_data": extra_training_data,
+        **binding,
     }

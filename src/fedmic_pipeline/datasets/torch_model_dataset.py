@@ -8,12 +8,12 @@ newer version of the code and audited without executing arbitrary pickles.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError, get_filepath_str, get_protocol_and_path
+
+from .atomic import write_bytes_atomically
 
 
 class TorchModelDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
@@ -39,18 +39,9 @@ class TorchModelDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
         missing = [key for key in self.REQUIRED_KEYS if key not in data]
         if missing:
             raise DatasetError(f"A model record needs keys {self.REQUIRED_KEYS}; missing {missing}.")
-        target = Path(get_filepath_str(self._filepath, "file"))
-        target.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()  # torch.save names the archive after its file: save to memory for stable bytes
         torch.save(data, buffer)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(buffer.getvalue())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_bytes_atomically(Path(get_filepath_str(self._filepath, "file")), buffer.getvalue())
 
     def _exists(self) -> bool:
         return Path(get_filepath_str(self._filepath, "file")).is_file()

@@ -129,8 +129,8 @@ class FlowerClients:
     def _message(self, pid: int, content: Mapping[str, Any], kind: str, ctx: Any) -> Message:
         return Message(RecordDict(dict(content)), self.partitions[pid].node_id, kind, group_id=str(ctx.round))
 
-    def train(self, ctx: Any, payload: dict[str, Any]) -> Any:
-        """Send the payload to the sampled, live nodes; their uploads as ``ClientUpdate``s."""
+    def train(self, ctx: Any, payloads: Mapping[int, dict[str, Any]]) -> Any:
+        """Send each sampled, live node its payload; their uploads as ``ClientUpdate``s."""
         from ..core.engine import ClientUpdate, RoundUpdates
         from ..core.protocol import payload_nbytes
 
@@ -145,9 +145,15 @@ class FlowerClients:
                 skipped[pid] = "it is no longer connected to the SuperLink"
             else:
                 targets.append(pid)
-        payload_record = payload_to_record(payload)
-        content = {task.CONFIG_KEY: ConfigRecord(message_config(self.cfg, self.spec, ctx)), task.PAYLOAD_KEY: payload_record}
-        exchange = self.messenger.exchange({pid: self._message(pid, content, "train", ctx) for pid in targets}, self.cfg.round_timeout)
+        config = ConfigRecord(message_config(self.cfg, self.spec, ctx))
+        records: dict[int, ArrayRecord] = {}  # one record per distinct payload: the broadcast is serialized once
+        for pid in targets:
+            records.setdefault(id(payloads[pid]), payload_to_record(payloads[pid]))
+        messages = {
+            pid: self._message(pid, {task.CONFIG_KEY: config, task.PAYLOAD_KEY: records[id(payloads[pid])]}, "train", ctx)
+            for pid in targets
+        }
+        exchange = self.messenger.exchange(messages, self.cfg.round_timeout)
         failures = {**skipped, **exchange.failures}
         participants = sorted(exchange.replies)
         self.messenger.handle_failures(f"round {ctx.round + 1} (train)", failures, remaining=len(participants))
@@ -183,14 +189,14 @@ class FlowerClients:
             "wire_bytes_up": wire_up,
             "wire_bytes_down": wire_down,
             "wire_payload_bytes_up": wire_payload_up,
-            "wire_payload_bytes_down": [int(wire_nbytes(payload_record))] * len(targets),
+            "wire_payload_bytes_down": [int(wire_nbytes(records[id(payloads[p])])) for p in targets],
             "arrays_up": arrays_up,
-            "arrays_down": len(payload_record),
+            "arrays_down": [len(records[id(payloads[p])]) for p in targets],
             "wire_bytes_up_total": sum(wire_up),
             "wire_bytes_down_total": sum(wire_down),
             "wire_bytes_eval_total": 0,
         }
-        return RoundUpdates(updates=updates, num_sent=len(targets), transport=transport)
+        return RoundUpdates(updates=updates, sent=targets, transport=transport)
 
     def evaluate(self, ctx: Any, server_state: Any, selector: Any) -> Any:
         """Every live node scores the global model and its personalized model on its own
@@ -306,17 +312,27 @@ class FlowerServer:
         _write_json(self.output_dir / SUMMARY_FILE, self._summary())
 
     def _save_models(self) -> None:
+        """Both models, each written atomically: a server killed mid-save leaves the previous
+        file or none, never a truncated one that `torch.load` half-reads or refuses."""
+        import io
+
         import torch
 
         from ..core.models import model_record
         from ..core.selection import ValidationSelector
+        from ..datasets.atomic import write_bytes_atomically
+
+        def save(record: dict[str, Any], filename: str) -> None:
+            buffer = io.BytesIO()
+            torch.save(record, buffer)
+            write_bytes_atomically(self.output_dir / filename, buffer.getvalue())
 
         last = self.algorithm.global_model(self.state.server_state)
         if last is None:
             return
-        torch.save(model_record(last), self.output_dir / LAST_MODEL_FILE)
+        save(model_record(last), LAST_MODEL_FILE)
         selected = ValidationSelector.materialise(last, self.state.selector.global_best)
-        torch.save(model_record(selected), self.output_dir / MODEL_FILE)
+        save(model_record(selected), MODEL_FILE)
         logger.info(
             "Global model of round %s (selected on validation) saved to %s, the last round's to %s",
             self.state.selector.summary()["global_round"] or "-", self.output_dir / MODEL_FILE,

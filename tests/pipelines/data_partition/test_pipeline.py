@@ -135,8 +135,8 @@ def _snapshot(project: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_kedro_run_writes_everything_and_is_byte_identical(project_root, tmp_path, monkeypatch):
-    project = make_project(project_root, tmp_path)
+def test_kedro_run_writes_everything_and_is_byte_identical(tmp_path, monkeypatch):
+    project = make_project(tmp_path)
     monkeypatch.chdir(project)  # relative parameter paths (data docs, mlflow.db) stay in the temp project
 
     _run(project)
@@ -171,8 +171,8 @@ def test_kedro_run_writes_everything_and_is_byte_identical(project_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_kedro_run_stops_at_the_redraw_bound_before_writing(project_root, tmp_path, monkeypatch):
-    project = make_project(project_root, tmp_path)
+def test_kedro_run_stops_at_the_redraw_bound_before_writing(tmp_path, monkeypatch):
+    project = make_project(tmp_path)
     params = project_params(min_samples_per_client=58, dirichlet_lambda=0.05, max_redraws=20)
     (project / "conf/base/parameters_data_partition.yml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(project)

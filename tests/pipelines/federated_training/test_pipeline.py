@@ -20,9 +20,9 @@ def small_federation():
 
 
 def _train(federation, **training_overrides):
-    clients, global_test, info, _ = federation
+    clients, global_test, info, manifest = federation
     params = training_params(**training_overrides)
-    return train_federated(clients, info, params["training"], params["algorithm_params"])
+    return train_federated(clients, manifest, info, params["training"], params["algorithm_params"])
 
 
 def test_same_seed_gives_the_same_run_on_the_cpu(small_federation):
@@ -61,12 +61,12 @@ def test_fedmic_uploads_less_than_fedavg_and_keeps_teachers_personal(small_feder
     ],
 )
 def test_bad_configuration_fails_before_training(small_federation, overrides, algorithm_overrides, message):
-    clients, global_test, info, _ = small_federation
+    clients, global_test, info, manifest = small_federation
     params = training_params(**overrides)
     params["algorithm_params"]["fedmic"].update(algorithm_overrides)
     never_loaded = {key: _explode for key in clients}  # training would load client data first
     with pytest.raises(ConfigurationError, match=message):
-        train_federated(never_loaded, info, params["training"], params["algorithm_params"])
+        train_federated(never_loaded, manifest, info, params["training"], params["algorithm_params"])
 
 
 def _explode():
@@ -74,13 +74,13 @@ def _explode():
 
 
 def test_more_clients_than_samples_is_refused(small_federation):
-    clients, global_test, info, _ = small_federation
+    clients, global_test, info, manifest = small_federation
     tiny = {}
     for key, arrays in clients.items():
         tiny[key] = {**arrays, "train_images": arrays["train_images"][:0], "train_labels": arrays["train_labels"][:0]}
     params = training_params(algorithm="fedavg")
     with pytest.raises(ConfigurationError, match="(?i)sample|empty"):
-        train_federated(tiny, info, params["training"], params["algorithm_params"])
+        train_federated(tiny, None, info, params["training"], params["algorithm_params"])
 
 
 @pytest.mark.slow

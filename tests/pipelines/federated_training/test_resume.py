@@ -276,29 +276,33 @@ def _node_params(checkpoint_dir: Path, **training):
 
 @pytest.fixture(scope="module")
 def node_inputs():
-    clients, global_test, info, _ = small_federation(num_clients=4, n_train=300, n_val=60, n_test=60)
-    return clients, global_test, info
+    clients, global_test, info, manifest = small_federation(num_clients=4, n_train=300, n_val=60, n_test=60)
+    return clients, manifest, info
 
 
-def test_node_removes_the_checkpoint_of_a_completed_run_and_refuses_a_missing_one(node_inputs, tmp_path, caplog):
-    from fedmic_pipeline.pipelines.federated_training.nodes import train_federated
+def test_checkpoint_outlives_the_training_node_and_a_missing_one_is_refused(node_inputs, tmp_path, caplog):
+    """The training node keeps its checkpoint (Kedro has not saved the outputs yet when it
+    returns); the downstream `discard_checkpoint` removes it."""
+    from fedmic_pipeline.pipelines.federated_training.nodes import discard_checkpoint, train_federated
 
-    clients, global_test, info = node_inputs
+    clients, manifest, info = node_inputs
     params = _node_params(tmp_path / "ckpt")
+    models, _, _, summary = train_federated(clients, manifest, info, params["training"], params["algorithm_params"])
+    assert [path.name for path in (tmp_path / "ckpt").iterdir()] == ["fedavg-seed5.pt"]  # no stray temp file
     with caplog.at_level("INFO"):
-        train_federated(clients, info, params["training"], params["algorithm_params"])
+        discard_checkpoint(models, summary, params["training"])
     assert "removed its checkpoint" in caplog.text
-    assert list((tmp_path / "ckpt").iterdir()) == []  # no checkpoint, no stray temp file
+    assert list((tmp_path / "ckpt").iterdir()) == []
 
     params = _node_params(tmp_path / "ckpt", resume=True)
     with pytest.raises(ConfigurationError, match="no checkpoint at .*fedavg-seed5.pt"):
-        train_federated(clients, info, params["training"], params["algorithm_params"])
+        train_federated(clients, manifest, info, params["training"], params["algorithm_params"])
     params = _node_params(tmp_path / "ckpt", resume="auto")  # auto: nothing to resume, start afresh
-    _, history, _, _ = train_federated(clients, info, params["training"], params["algorithm_params"])
+    _, history, _, _ = train_federated(clients, manifest, info, params["training"], params["algorithm_params"])
     assert len(history) == 2
     params = _node_params(tmp_path / "ckpt", resume="maybe")
     with pytest.raises(ConfigurationError, match="training.resume must be true, false or auto"):
-        train_federated(clients, info, params["training"], params["algorithm_params"])
+        train_federated(clients, manifest, info, params["training"], params["algorithm_params"])
 
 
 # ---- end to end: `kedro run` killed mid-run, then `kedro run --params training.resume=true`

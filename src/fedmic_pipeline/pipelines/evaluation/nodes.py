@@ -26,6 +26,8 @@ from fedmic_pipeline.core.models import model_from_record
 from fedmic_pipeline.reporting import training_plots
 from fedmic_pipeline.tracking import mlflow_logging
 
+from . import run_binding
+
 logger = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
@@ -37,13 +39,20 @@ def _load(value: Any) -> Any:
 
 def evaluate_federation(
     trained_models: Mapping[str, Callable[[], dict[str, Any]]],
+    training_summary: dict[str, Any],
     client_partitions: Mapping[str, Callable[[], Arrays]],
     global_test_set: Arrays,
     dataset_info: dict[str, Any],
     partition_manifest: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> dict[str, Any]:
-    """The full evaluation report (JSON): global, per device, per site, summaries."""
+    """The full evaluation report (JSON): global, per device, per site, summaries.
+
+    Only models that training produced on the current partition are scored: the summary's
+    manifest hash and model digests are checked first (`run_binding`), and the client
+    files against the manifest (`federation.build_clients`).
+    """
+    run_binding.check_trained_on_this_partition(training_summary, partition_manifest)
     hospitals = sorted(client_partitions)
     missing = [key for key in hospitals if key not in trained_models]
     if missing:
@@ -52,14 +61,14 @@ def evaluate_federation(
             "hospitals): the models were trained on another partition. Retrain on this one: "
             "`kedro run --pipelines federated_training,evaluation`."
         )
-    models = {key: model_from_record(_load(trained_models[key])) for key in hospitals}
-    last_global = trained_models.get("global_last")
-    global_model = trained_models.get("global")
+    records = {key: _load(value) for key, value in trained_models.items()}
+    run_binding.check_models_match_training(records, training_summary)
+    models = {key: model_from_record(records[key]) for key in hospitals}
     report = model_evaluation.evaluate_models(
-        global_model=model_from_record(_load(global_model)) if global_model is not None else None,
-        last_global_model=model_from_record(_load(last_global)) if last_global is not None else None,
+        global_model=model_from_record(records["global"]) if "global" in records else None,
+        last_global_model=model_from_record(records["global_last"]) if "global_last" in records else None,
         personalized={federation.client_id_of(key): model for key, model in models.items()},
-        clients=federation.build_clients(client_partitions),
+        clients=federation.build_clients(client_partitions, partition_manifest=partition_manifest),
         global_test_set=global_test_set,
         dataset_info=dataset_info,
         held_out_device=partition_manifest.get("held_out_device"),
@@ -176,16 +185,22 @@ def promote_champion(
     evaluation_metrics: dict[str, Any],
     training_tracking: dict[str, Any],
     evaluation_tracking: dict[str, Any],
+    training_summary: dict[str, Any],
+    partition_manifest: dict[str, Any],
     promotion: dict[str, Any],
 ) -> dict[str, Any]:
     """Move the registry's `champion` alias to this run's global model only if it earned it.
 
     Runs after `track_evaluation` (it takes its output) because the rule reads the
     `final.*` metrics from MLflow: the candidate's must be there for the next run's
-    comparison. The rule itself (same data version, minimum improvement) is in
-    `tracking.registry`; this node only hands it the run and writes the decision file.
+    comparison. In a full run an evaluation that refused the models stops it; run alone
+    (`--nodes promote_champion`) it checks itself that the run was trained on the current
+    partition and that the evaluation results are this run's. The rule itself (same data
+    version, minimum improvement) is in `tracking.registry`; this node only hands it the
+    run and writes the decision file.
     """
-    del evaluation_tracking  # an ordering dependency only
+    run_binding.check_trained_on_this_partition(training_summary, partition_manifest)
+    run_binding.check_metrics_belong_to_run(training_tracking, evaluation_tracking)
     from fedmic_pipeline.tracking import registry
 
     return registry.promote_from_tracking(training_tracking, evaluation_metrics, promotion)

@@ -1,4 +1,8 @@
-"""`evaluation`: models -> report, headline metrics (DVC metrics), tables, plots, MLflow."""
+"""`evaluation`: models -> report, headline metrics (DVC metrics), tables, plots, MLflow.
+
+`evaluate_federation` and `promote_champion` take the training summary and the partition
+manifest: models edited since training, or trained on another partition, are refused.
+"""
 
 from kedro.pipeline import Pipeline, node
 
@@ -12,6 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 nodes.evaluate_federation,
                 inputs=[
                     "trained_models",
+                    "training_summary",
                     "client_partitions",
                     "global_test_set",
                     "dataset_info",
@@ -53,7 +58,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.promote_champion,
-                ["evaluation_metrics", "training_tracking", "evaluation_tracking", "params:promotion"],
+                [
+                    "evaluation_metrics",
+                    "training_tracking",
+                    "evaluation_tracking",
+                    "training_summary",
+                    "partition_manifest",
+                    "params:promotion",
+                ],
                 "promotion_decision",
                 name="promote_champion",
             ),

@@ -6,9 +6,13 @@ data into core objects and the result back into tables, model records and MLflow
 Checkpoints (`training.checkpoint_dir`, `checkpoint_every`, `resume`): the core builds
 checkpoint dicts, this layer owns the file `<checkpoint_dir>/<algorithm>-seed<seed>.pt`. It
 is written atomically (a temp file in the same folder, then `os.replace`), so a run killed
-mid-write leaves the previous checkpoint intact, and deleted once the run completes. It
-lives outside `data/06_models` on purpose: `dvc repro` deletes a stage's outputs before
-running it, and the models' PartitionedDataset would both wipe and load it.
+mid-write leaves the previous checkpoint intact. It is deleted by `discard_checkpoint`, a
+node downstream of the saved models and summary: a run that fails while Kedro saves its
+outputs can still be resumed. It lives outside `data/06_models` on purpose: `dvc repro`
+deletes a stage's outputs before running it, and the models' dataset would replace it.
+
+The summary records the sha256 of the partition manifest and a digest of every model
+(`run_records.run_summary`), which evaluation and promotion check before trusting them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ Arrays = Mapping[str, np.ndarray]
 
 def train_federated(
     client_partitions: Mapping[str, Callable[[], Arrays]],
+    partition_manifest: dict[str, Any] | None,
     dataset_info: dict[str, Any],
     training: dict[str, Any],
     algorithm_params: dict[str, Any],
@@ -51,6 +56,9 @@ def train_federated(
     runner are built, before the first round. `training.extra_training_data` adds each
     hospital's synthetic set (or as many augmented real samples) to its training split.
     With `training.resume` the run continues from its checkpoint (see the module docstring).
+    The client files must be the hospitals `partition_manifest` lists (`build_clients`);
+    without a manifest (in-memory partitions) the summary is bound to none, and evaluation
+    will refuse its models.
     """
     spec = federation.data_spec(dataset_info)
     config = TrainingConfig.from_params(training)
@@ -59,7 +67,7 @@ def train_federated(
     resume_from = _load_checkpoint(path, config.resume)
     mode = config.extra_training_data
     extra = federation.extra_training_sets(mode, client_partitions, synthetic_client_sets, config.seed)
-    clients = federation.build_clients(client_partitions, extra)
+    clients = federation.build_clients(client_partitions, extra, partition_manifest)
     result = run_simulation(
         algorithm, clients, spec, config.simulation,
         checkpoint_every=config.checkpoint_every if path is not None else 0,
@@ -68,9 +76,6 @@ def train_federated(
         fingerprint_extra={"dataset": dataset_info.get("flag"), "dataset_md5": dataset_info.get("md5"),
                            "extra_training_data": mode},
     )  # fmt: skip
-    if path is not None and path.exists():
-        path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-        logger.info("Run complete: removed its checkpoint %s", path)
 
     models: dict[str, dict[str, Any]] = {}
     global_model = result.global_model()
@@ -80,8 +85,24 @@ def train_federated(
     for client in clients:
         models[f"client_{client.client_id:02d}"] = model_record(result.personalized_model(client.client_id))
 
-    summary = run_records.run_summary(algorithm, result, clients, extra_training_data=mode)
+    summary = run_records.run_summary(
+        algorithm, result, clients, extra_training_data=mode, models=models, partition_manifest=partition_manifest
+    )
     return models, run_records.history_table(result.history), run_records.communication_table(result.history), summary
+
+
+def discard_checkpoint(trained_models: Mapping[str, Any], training_summary: dict[str, Any], training: dict[str, Any]) -> None:
+    """Delete the run's checkpoint once its models and summary are saved: nothing left to resume.
+
+    A node of its own, downstream of both outputs, because Kedro saves a node's outputs
+    after the node returns: deleting it inside `train_federated` lost the whole run when
+    a save failed (disk full, a killed process).
+    """
+    del trained_models, training_summary  # ordering dependencies only
+    path = TrainingConfig.from_params(training).checkpoint_path
+    if path is not None and path.exists():
+        path.unlink(missing_ok=True)
+        logger.info("Run complete: removed its checkpoint %s", path)
 
 
 def _load_checkpoint(path: Path | None, resume: str) -> dict[str, Any] | None:

@@ -1,4 +1,8 @@
-"""`federated_training`: partitions -> models, per-round curves, bytes, MLflow run."""
+"""`federated_training`: partitions -> models, per-round curves, bytes, MLflow run.
+
+`discard_checkpoint` runs only after Kedro has saved the models and the summary, so a run
+that fails while saving keeps its checkpoint and can be resumed.
+"""
 
 from kedro.pipeline import Pipeline, node
 
@@ -12,6 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 nodes.train_federated,
                 inputs=[
                     "client_partitions",
+                    "partition_manifest",
                     "dataset_info",
                     "params:training",
                     "params:algorithm_params",
@@ -19,6 +24,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["trained_models", "training_history", "communication_log", "training_summary"],
                 name="train_federated",
+            ),
+            node(
+                nodes.discard_checkpoint,
+                inputs=["trained_models", "training_summary", "params:training"],
+                outputs=None,
+                name="discard_checkpoint",
             ),
             node(
                 nodes.track_training,
