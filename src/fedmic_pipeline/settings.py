@@ -8,6 +8,11 @@ switch_off_telemetry()
 from kedro.config import OmegaConfigLoader  # noqa: E402
 from omegaconf.resolvers import oc  # noqa: E402
 
+from fedmic_pipeline.hooks import RunGuard  # noqa: E402
+
+# Parameters checked before the first node, logs/info.log, one-paragraph input errors (hooks.py).
+HOOKS = (RunGuard(),)
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

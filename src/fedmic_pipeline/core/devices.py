@@ -91,11 +91,14 @@ class DeviceProfile:
         if "name" not in params:
             raise DeviceConfigError("every device profile needs a 'name'.")
         values = dict(params)
+        for key in ("prevalence", "gamma", "contrast", "blur_sigma", "noise_std", "intensity_shift", "downsample"):
+            if key in values and (isinstance(values[key], bool) or not isinstance(values[key], (int, float, np.number))):
+                raise DeviceConfigError(f"device {values['name']!r}: {key} must be a number, got {values[key]!r}.")
         for key in ("prevalence", "gamma", "contrast", "blur_sigma", "noise_std", "intensity_shift"):
             if key in values:
                 values[key] = float(values[key])
         if "downsample" in values:
-            if float(values["downsample"]) != int(values["downsample"]):
+            if not math.isfinite(values["downsample"]) or float(values["downsample"]) != int(values["downsample"]):
                 raise DeviceConfigError(f"device '{values['name']}': downsample must be an integer, got {values['downsample']!r}.")
             values["downsample"] = int(values["downsample"])
         return cls(**values)
@@ -111,8 +114,13 @@ class DeviceProfile:
 
 def profiles_from_params(profiles: Sequence[Mapping[str, Any]]) -> list[DeviceProfile]:
     """Parse `devices.profiles`; names must be unique (a device id is its list position)."""
+    if not isinstance(profiles, Sequence) or isinstance(profiles, str):
+        raise DeviceConfigError(f"devices.profiles must be a list of device profiles, got {profiles!r}.")
     if not profiles:
         raise DeviceConfigError("devices.profiles is empty: define at least one imaging device.")
+    for position, profile in enumerate(profiles):
+        if not isinstance(profile, Mapping):
+            raise DeviceConfigError(f"devices.profiles[{position}] must be a mapping (name, prevalence, gamma, ...), got {profile!r}.")
     parsed = [DeviceProfile.from_dict(p) for p in profiles]
     names = [p.name for p in parsed]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -322,6 +330,8 @@ class DevicesConfig:
             raise DeviceConfigError(f"devices.seed must be an integer >= 0, got {seed!r}.")
         profiles = tuple(profiles_from_params(params["profiles"]))
         held_out = params.get("held_out")
+        if held_out is not None and not isinstance(held_out, str):
+            raise DeviceConfigError(f"devices.held_out must be a device profile name or null, got {held_out!r}.")
         names = [p.name for p in profiles]
         if held_out is not None and held_out not in names:
             raise DeviceConfigError(f"devices.held_out={held_out!r} is not a device profile name; choose one of {names} or null.")

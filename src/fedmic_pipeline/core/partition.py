@@ -307,14 +307,21 @@ class PartitionConfig:
         local = params["local_split"]
         if not isinstance(local, Mapping):
             raise PartitionError("partition.local_split must be a mapping {train: f, val: f, test: f}.")
+        for name, value in local.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value <= 1:
+                raise PartitionError(f"partition.local_split.{name} must be a fraction in [0, 1], got {value!r}.")
         fractions = {name: float(v) for name, v in local.items()}
         _normalise_fractions(fractions)
-        for key in ("seed", "num_clients", "min_samples_per_client", "max_redraws"):
+        lowest = {"seed": 0, "num_clients": 1, "min_samples_per_client": 0, "max_redraws": 0}
+        for key, minimum in lowest.items():
             value = params[key]
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise PartitionError(f"partition.{key} must be an integer, got {value!r}.")
-        if int(params["seed"]) < 0:
-            raise PartitionError(f"partition.seed must be >= 0, got {params['seed']!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise PartitionError(f"partition.{key} must be an integer >= {minimum}, got {value!r}.")
+        lam = params["dirichlet_lambda"]
+        if isinstance(lam, bool) or not isinstance(lam, (int, float, np.number)) or not np.isfinite(lam) or lam <= 0:
+            raise PartitionError(
+                f"partition.dirichlet_lambda must be a finite number > 0, got {lam!r} (the papers use 0.1, 0.3, 0.5)."
+            )
         return cls(
             seed=int(params["seed"]),
             num_clients=int(params["num_clients"]),

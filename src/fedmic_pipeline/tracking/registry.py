@@ -77,6 +77,13 @@ class PromotionRule:
             raise PromotionConfigError(
                 f"Unknown key(s) {unknown} in params:promotion (conf/base/parameters_audit.yml); valid keys: {list(_RULE_KEYS)}."
             )
+        for switch in ("enabled", "greater_is_better"):
+            if switch in params and not isinstance(params[switch], bool):
+                raise PromotionConfigError(f"promotion.{switch} must be true or false, got {params[switch]!r}.")
+        if isinstance(params.get("min_improvement"), bool):
+            raise PromotionConfigError(f"promotion.min_improvement must be a number >= 0, got {params['min_improvement']!r}.")
+        if "alias" in params and not isinstance(params["alias"], str):
+            raise PromotionConfigError(f"promotion.alias must be a string such as 'champion', got {params['alias']!r}.")
         rule = cls(**params)
         if not isinstance(rule.metric, str) or not rule.metric:
             raise PromotionConfigError("promotion.metric must name a metric logged in the training run, e.g. final.global.balanced_accuracy.")
