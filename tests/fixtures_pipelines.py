@@ -1,23 +1,39 @@
-"""Synthetic datasets, project parameters and throw-away projects shared by the pipeline tests.
+"""Synthetic datasets, project parameters, throw-away projects and a real MLflow server
+shared by the pipeline tests.
 
 A helper module, not a test module (pytest collects only ``test_*.py``): the pipeline
 tests of every stage build their data from the same small, imbalanced, MedMNIST-shaped set
-and the shipped parameters, so a change to either shows up everywhere at once.
+and the shipped parameters, so a change to either shows up everywhere at once; the tracking
+tests start `mlflow server` the same way whatever its backend store (SQLite, PostgreSQL).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from fedmic_pipeline.datasets.npz_dataset import save_npz_deterministic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 N_CLASSES = 3
+MLFLOW_SERVER_START_TIMEOUT_S = 90  # a cold start on a loaded 2-core machine takes 5-20 s
+
+logger = logging.getLogger(__name__)
 
 
 def synthetic_dataset(n_train: int = 500, n_val: int = 100, n_test: int = 60, size: int = 16, rgb: bool = False, seed: int = 0):
@@ -104,3 +120,116 @@ def write_training_params(project: Path, params: dict) -> None:
     (project / "conf/base/parameters_federated_training.yml").write_text(yaml.safe_dump(params, sort_keys=False))
     info_path = project / "data/03_primary/dataset_info.json"
     info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "size": 16}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A started `mlflow server` subprocess; `wait_healthy()` blocks until /health answers.
+
+    Returned before the server is up, so a test can prepare its data during the start-up
+    (5-20 s on a busy machine) and only then wait."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log: Path, artifacts: Path, started: float) -> None:
+        self.process, self.url, self.log, self.artifacts, self.started = process, url, log, artifacts, started
+        self.startup_s: float | None = None
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + MLFLOW_SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {self.process.returncode} before it was healthy:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        self.startup_s = time.monotonic() - self.started
+                        logger.info("mlflow server healthy %.1f s after its start", self.startup_s)
+                        return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"mlflow server not healthy after {MLFLOW_SERVER_START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no server log)"
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_group_gone(group: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _group_alive(group)
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group, SIGKILL to what lingers. The group, not
+    just the `mlflow` process: it forks uvicorn, which forks one process per worker plus a
+    resource tracker, and those finish their shutdown after `mlflow` itself has exited."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+    if not _wait_group_gone(process.pid, timeout_s=15):
+        logger.warning("mlflow server processes still running 15 s after SIGTERM: SIGKILL to group %d", process.pid)
+        os.killpg(process.pid, signal.SIGKILL)
+        _wait_group_gone(process.pid, timeout_s=10)
+
+
+@contextmanager
+def mlflow_server(backend_store_uri: str, artifacts: Path, log: Path, workers: int = 1) -> Iterator[MlflowServer]:
+    """`mlflow server` on a free loopback port with `backend_store_uri` and proxied artifacts
+    in `artifacts`; stopped on exit, also when the test fails, and checked to leave no
+    process of its group behind (uvicorn forks one per worker)."""
+    port = free_port()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(artifacts),
+        "--workers", str(workers),
+    ]  # fmt: skip
+    # No background job runner (huey consumers): nothing here schedules server-side jobs,
+    # and it halves the start-up time and the processes to stop.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield MlflowServer(process, f"http://127.0.0.1:{port}", log, artifacts, time.monotonic())
+    finally:
+        _stop_process_group(process)
+    assert process.poll() is not None, "the mlflow server is still running"
+    left = subprocess.run(["ps", "-o", "pid=", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"server processes left running: {left}"
+
+
+def kedro_cli_in_child(project: str, args: list[str], log_path: str) -> None:
+    """Target of a child process: ``kedro <args>`` (Kedro's own CLI entry point) in ``project``,
+    its output appended to ``log_path``.
+
+    The kill tests start these children from a warm forkserver (``multiprocessing``,
+    modules preloaded once), so that each killed run costs its pipeline's work rather than
+    the ~8 s of imports of a fresh ``kedro`` process; the run itself is the CLI's.
+    """
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.chdir(project)
+    from kedro.framework.cli import main
+
+    sys.argv = ["kedro", *args]
+    main()

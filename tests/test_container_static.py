@@ -6,7 +6,9 @@ check the properties a build and a run depend on: a pinned CUDA runtime base who
 matches the locked torch build, installation from the lock, a non-root user, telemetry
 off, `kedro run` as the command, every COPY source present and not ignored, the outputs
 and local state ignored, and a compose file whose training service waits for a healthy
-MLflow server with a database backend and an artifact volume.
+MLflow server with an artifact volume, which itself waits for the healthy PostgreSQL
+service holding its runs and registry (tests/tracking/test_mlflow_postgres.py runs such a
+server on a real PostgreSQL).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -436,7 +440,44 @@ def _builds_this_dockerfile(service: dict) -> bool:
     return isinstance(build, dict) and Path(build.get("context", ".")) == Path(".") and build.get("dockerfile", "Dockerfile") == "Dockerfile"
 
 
-def test_mlflow_service_has_a_database_backend_an_artifact_volume_and_a_healthcheck() -> None:
+_COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
+
+
+def interpolate(value: str, env: Mapping[str, str]) -> str:
+    """`value` as compose hands it to the container: `${VAR}`, `${VAR:-default}` (default
+    when unset or empty), `${VAR-default}` (default when unset), `$$` a literal `$`."""
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, default = match.group("name"), match.group("op"), match.group("default") or ""
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+
+    return _COMPOSE_VARIABLE.sub(replace, value)
+
+
+def test_interpolate_follows_compose_rules() -> None:
+    assert interpolate("${A:-x}/${B-y}/${C}/$$HOME", {}) == "x/y//$HOME"
+    assert interpolate("${A:-x}/${B-y}", {"A": "", "B": ""}) == "x/"
+    assert interpolate("${A:-x}", {"A": "set"}) == "set"
+
+
+#: No override (the defaults) and every credential overridden, as an .env file would.
+_DB_ENVS = ({}, {"MLFLOW_DB_USER": "tracker", "MLFLOW_DB_PASSWORD": "s3cret", "MLFLOW_DB_NAME": "runs"})
+
+
+def _backend_url(env: Mapping[str, str]):
+    words = _words(_compose()["services"]["mlflow"].get("command"))
+    backend = _option(words, "--backend-store-uri")
+    assert backend, "the mlflow service has no --backend-store-uri"
+    return urlsplit(interpolate(backend, env))
+
+
+def test_mlflow_service_has_a_postgres_backend_an_artifact_volume_and_a_healthcheck() -> None:
     compose = _compose()
     services = compose["services"]
     mlflow = services["mlflow"]
@@ -447,18 +488,19 @@ def test_mlflow_service_has_a_database_backend_an_artifact_volume_and_a_healthch
     else:
         assert "3.17.2" in mlflow["image"], "the server must be the locked mlflow 3.17.2"
 
-    backend = _option(words, "--backend-store-uri")
-    assert backend and re.match(r"^(sqlite|postgresql(\+\w+)?|mysql(\+\w+)?)://", backend), backend
+    url = _backend_url({})
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3: the driver must be named, and locked.
+    drivers = {"postgresql+psycopg2": "psycopg2-binary", "postgresql+psycopg": "psycopg"}
+    assert url.scheme in drivers, f"--backend-store-uri {url.geturl()}: a PostgreSQL URI naming its driver, one of {sorted(drivers)}"
+    assert drivers[url.scheme] in _lock(), f"{url.scheme} needs {drivers[url.scheme]} in requirements.lock (the image's only source)"
+    assert url.hostname in services, f"backend database host {url.hostname} is not a compose service"
+    assert (mlflow.get("depends_on") or {}).get(url.hostname, {}).get("condition") == "service_healthy", (
+        "mlflow must wait until its database is healthy: the server creates its schema at start-up and "
+        "gives up after about 100 s of connection retries"
+    )
+
     mounts = _mounts(mlflow)
     named = set(compose.get("volumes") or {})
-    if backend.startswith("sqlite"):
-        db_dir = str(Path(backend.split("sqlite:///", 1)[1]).parent)
-        assert mounts.get(db_dir) in named, f"the SQLite file {backend} must live on a named volume"
-    else:
-        host = re.match(r"^\w+(?:\+\w+)?://(?:[^@/]*@)?([^:/]+)", backend).group(1)
-        assert host in services, f"backend database host {host} is not a compose service"
-        assert host in (mlflow.get("depends_on") or {}), "mlflow must wait for its database"
-
     assert "--serve-artifacts" in words
     destination = _option(words, "--artifacts-destination")
     assert destination and mounts.get(destination.rstrip("/")) in named, "artifacts must go to a named volume"
@@ -469,6 +511,32 @@ def test_mlflow_service_has_a_database_backend_an_artifact_volume_and_a_healthch
     assert _option(words, "--host") == "0.0.0.0", "the server must listen beyond its own loopback"
     allowed = _option(words, "--allowed-hosts") or ""
     assert "mlflow" in allowed.split(",") or "*" in allowed, "MLflow 3 rejects Host: mlflow unless allowed"
+
+
+def test_postgres_service_is_pinned_persistent_healthchecked_and_matches_the_mlflow_uri() -> None:
+    compose = _compose()
+    host = _backend_url({}).hostname
+    database = compose["services"][host]
+    name, _, tag = database["image"].rpartition(":")
+    assert name in ("postgres", "docker.io/postgres", "docker.io/library/postgres"), f"{database['image']}: the official image"
+    assert re.fullmatch(r"\d+(\.\d+)?(-[\w.]+)?", tag), f"{database['image']} must be pinned by a version tag"
+
+    data_dir = "/var/lib/postgresql/data"  # PGDATA of the official image up to major 17
+    assert int(tag.split(".")[0].split("-")[0]) <= 17, "postgres 18+ keeps its data under /var/lib/postgresql: move the mount"
+    assert _mounts(database).get(data_dir) in set(compose.get("volumes") or {}), f"{data_dir} must be a named volume"
+    health = " ".join(_words(database["healthcheck"]["test"]))
+    assert "pg_isready" in health and "-h" in health.split(), "healthcheck: pg_isready over TCP, not the init-time socket"
+    assert "ports" not in database, "the database needs no port on the host: only mlflow talks to it"
+
+    raw = _environment(database)
+    for variable in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert re.fullmatch(r"\$\{\w+:-[^}]+\}", raw.get(variable, "")), f"{variable}: from the environment, with a default"
+    for env in _DB_ENVS:
+        url, container = _backend_url(env), {k: interpolate(v, env) for k, v in raw.items()}
+        credentials = (url.username, url.password, url.path.lstrip("/"), url.port or 5432)
+        assert credentials == (container["POSTGRES_USER"], container["POSTGRES_PASSWORD"], container["POSTGRES_DB"], 5432), (
+            f"with {env or 'the defaults'}: the mlflow URI {url.geturl()} does not match the database service {container}"
+        )
 
 
 def test_train_service_waits_for_mlflow_and_reserves_the_gpu() -> None:

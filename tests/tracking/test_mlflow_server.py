@@ -9,97 +9,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fixtures_pipelines import make_project, small_federation, training_params, write_partition
+from fixtures_pipelines import make_project, mlflow_server, small_federation, training_params, write_partition
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
-SERVER_START_TIMEOUT_S = 90  # a cold start on a loaded 2-core machine takes 5-20 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode} before it was healthy:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's own process group (it forks workers), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=15)
-
-
-class Server:
-    """A started `mlflow server`; `wait_healthy()` blocks until /health answers."""
-
-    def __init__(self, process: subprocess.Popen, url: str, log: Path, artifacts: Path, started: float) -> None:
-        self.process, self.url, self.log, self.artifacts, self.started = process, url, log, artifacts, started
-        self.startup_s: float | None = None
-
-    def wait_healthy(self) -> None:
-        _wait_healthy(self.url, self.process, self.log)
-        self.startup_s = time.monotonic() - self.started
-        logger.info("mlflow server healthy %.1f s after its start", self.startup_s)
-
 
 @pytest.fixture
 def tracking_server(tmp_path):
-    """Starts the server and returns at once (the test prepares its data meanwhile)."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "mlflow-server.log"
-    (tmp_path / "server").mkdir()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp_path / "server" / "artifacts"),
-        "--workers", "1",
-    ]  # fmt: skip
-    # No background job runner (huey consumers): nothing here schedules server-side jobs,
-    # and it halves the start-up time and the processes to stop.
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield Server(process, url, log, tmp_path / "server" / "artifacts", time.monotonic())
-    finally:
-        _stop(process)
-    assert process.poll() is not None, "the mlflow server is still running"
-    left = subprocess.run(["ps", "-o", "pid=", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
-    assert not left, f"server processes left running: {left}"
+    """Starts the server on SQLite and returns at once (the test prepares its data meanwhile)."""
+    server = tmp_path / "server"
+    server.mkdir()
+    with mlflow_server(f"sqlite:///{server / 'mlflow.db'}", server / "artifacts", tmp_path / "mlflow-server.log") as started:
+        yield started
 
 
 def _write_partition(project: Path) -> None:
