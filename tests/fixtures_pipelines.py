@@ -65,9 +65,11 @@ def project_params(**partition_overrides):
 
 
 def training_params(**overrides):
-    """The shipped training parameters, shrunk for tests: 2 rounds, half the clients, one thread."""
+    """The shipped training parameters, shrunk for tests: 2 rounds, half the clients, one thread,
+    no checkpoints (a node called directly has no `discard_checkpoint` after it, and its
+    relative checkpoint_dir would land in the repository's data/)."""
     params = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_federated_training.yml").read_text())
-    params["training"].update({"num_rounds": 2, "join_ratio": 0.5, "num_threads": 1, **overrides})
+    params["training"].update({"num_rounds": 2, "join_ratio": 0.5, "num_threads": 1, "checkpoint_every": 0, **overrides})
     params["algorithm_params"]["fedmic"].update({"teacher_model": "student_cnn"})
     params["algorithm_params"]["common"].update({"batch_size": 16})
     return params

@@ -351,15 +351,6 @@ def test_aliases_point_only_at_promoted_eligible_versions_of_their_own_data(load
     assert champion.eligible and load.decision_of(champion.index) == "promoted", f"'{rule.alias}' -> run {champion}"
 
 
-#: Why the one-by-one outcome is not guaranteed yet; the test says so (xfail) instead of failing
-#: at random, and passes by itself once promotions are serialised.
-UNSERIALISED_PROMOTIONS = (
-    "registry.decide_and_apply reads the aliases, decides, then sets them, with no lock or compare-and-set "
-    "(docs/operations.md: promotions are not serialised): two candidates of one data version promoting at once "
-    "both find no champion, both are 'promoted', and the last writer keeps the alias, the better one or not"
-)
-
-
 def _assert_one_by_one_outcome(load: ReadBack) -> None:
     from fedmic_pipeline.tracking.registry import DataVersion, PromotionRule
 
@@ -389,9 +380,6 @@ def test_champions_are_where_one_by_one_decisions_would_put_them(load):
     the alias on the best eligible value (on a tie the first promoted keeps it, a tie being no
     improvement), and `champion` on one of the data versions' champions.
 
-    An imperative xfail, not the marker: the marker would also swallow an AssertionError of
-    the module fixtures' teardown (server processes left running), which runs in this test."""
-    try:
-        _assert_one_by_one_outcome(load)
-    except AssertionError as lost_update:
-        pytest.xfail(f"{UNSERIALISED_PROMOTIONS}. Seen: {lost_update}")
+    Promotions of one registered model run under the registry's promotion lock, so this
+    holds even though the six promoters start together on a two-worker server."""
+    _assert_one_by_one_outcome(load)

@@ -19,14 +19,23 @@ The decision and its inputs are written as model-version tags (`promotion.*`), s
 registry itself explains why an alias points where it does, and returned as a dict (the
 `promotion_decision` JSON). An MLflow tracking server and the embedded SQLite store
 behave the same: only `MlflowClient` calls are used.
+
+Promotions of one registered model are serialised (``promotion_lock``): reading the
+aliases, deciding and moving them is one critical section, so two candidates evaluated at
+the same moment decide one after the other, as if run in sequence, across processes and
+across the workers of a shared tracking server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Mapping
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -183,6 +192,53 @@ def skipped_decision(reason: str, rule: PromotionRule, **extra: Any) -> dict[str
     return {"decision": SKIPPED, "promoted": False, "reason": reason, "rule": asdict(rule), "decided_at": _now(), **extra}
 
 
+#: Registered-model name suffix of the lock entry held while a promotion decides.
+LOCK_SUFFIX = ".promotion-lock"
+
+
+@contextlib.contextmanager
+def promotion_lock(client: Any, name: str, timeout_s: float = 120.0, stale_s: float = 600.0) -> Iterator[None]:
+    """Hold the promotion lock of registered model ``name`` for the body.
+
+    Creating a registered model fails when the name exists (in every MLflow store), which
+    makes creating ``<name>.promotion-lock`` an atomic try-lock shared by every process
+    that talks to the registry; the lock is deleted on the way out. A lock older than
+    ``stale_s`` belongs to a promoter that died mid-decision and is broken.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"acquired_at": repr(time.time()), "pid": str(os.getpid())},
+                description=f"held while a promotion of {name} decides; deleted when it is done",
+            )  # fmt: skip
+            break
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        with contextlib.suppress(MlflowException):  # released between our two calls: just retry
+            held_since = float(client.get_registered_model(lock).tags.get("acquired_at", "0"))
+            if time.time() - held_since > stale_s:
+                logger.warning("Breaking the stale promotion lock %s (held since %.0f s)", lock, time.time() - held_since)
+                client.delete_registered_model(lock)
+                continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"Another promotion of {name} held the registry lock '{lock}' for over {timeout_s:.0f} s. If no promotion "
+                f"is running, delete that registered model (MlflowClient().delete_registered_model('{lock}')) and rerun."
+            )
+        time.sleep(0.1 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
 def decide_and_apply(
     client: Any,
     name: str,
@@ -200,8 +256,21 @@ def decide_and_apply(
     predictor (one class for >= 95 % of the global test set) is never promoted, nor, under
     ``rule.must_beat_majority``, a balanced accuracy at or below the majority-class baseline
     (the run's ``final.majority_class.global.balanced_accuracy``, else ``majority_fallback``).
+    Runs under ``promotion_lock``: concurrent promotions decide one after the other.
     """
-    version = str(version)
+    with promotion_lock(client, name):
+        return _decide_and_apply(client, name, str(version), rule, candidate_value_fallback, candidate_constant, majority_fallback)
+
+
+def _decide_and_apply(
+    client: Any,
+    name: str,
+    version: str,
+    rule: PromotionRule,
+    candidate_value_fallback: float | None,
+    candidate_constant: bool | None,
+    majority_fallback: float | None,
+) -> dict[str, Any]:
     candidate = _version_facts(client, name, version, rule.metric)
     if candidate_constant is None:
         flag = _metric(client, candidate["run_id"], CONSTANT_METRIC)
