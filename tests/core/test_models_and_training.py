@@ -316,6 +316,33 @@ def test_progress_bar_switch(kind: str, clients: list[ClientData], spec: DataSpe
         SimulationConfig(progress="bar")
 
 
+def test_tqdm_bar_routes_console_log_lines_through_tqdm(clients: list[ClientData], spec: DataSpec) -> None:
+    """A console log handler is swapped for tqdm's while the bar runs (lines print above the
+    bar instead of cutting through it) and restored afterwards."""
+    import sys
+
+    from fedmic_pipeline.core.engine import Callback
+
+    console = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    root.addHandler(console)
+    seen: list[list[str]] = []
+
+    class Handlers(Callback):
+        def after_round(self, engine, state, record) -> None:
+            seen.append([type(h).__name__ for h in root.handlers])
+
+    try:
+        config = SimulationConfig(num_rounds=1, progress="tqdm", evaluate_personalized=False)
+        run_simulation(_fedavg(spec), clients, spec, config, callbacks=[Handlers()])
+        before = [type(h).__name__ for h in root.handlers]
+        assert seen[0].count("_TqdmLoggingHandler") == 1 + before.count("_TqdmLoggingHandler")
+        assert seen[0].count("StreamHandler") == before.count("StreamHandler") - 1  # ours, swapped out
+        assert console in root.handlers  # and restored after the run
+    finally:
+        root.removeHandler(console)
+
+
 def test_pooling_keeps_rows_and_synthetic_flags(clients: list[ClientData]) -> None:
     flagged = clients[1]
     flagged.train_is_synthetic = torch.zeros(flagged.num_train, dtype=torch.bool)

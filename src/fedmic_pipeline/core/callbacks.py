@@ -44,18 +44,26 @@ class RoundLogger(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm or rich bar over the rounds (imported only when asked for; 'none' = no bar)."""
+    """A tqdm or rich bar over the rounds (imported only when asked for; 'none' = no bar).
+
+    Log lines must not cut through the bar: under tqdm the standard handlers write through
+    ``tqdm.write`` while the bar runs; rich's bar shares the console of Kedro's rich log
+    handler, which prints above it."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._bar: Any = None
         self._rich: Any = None
+        self._redirect: Any = None
 
     def on_train_begin(self, engine: RoundEngine, state: EngineState) -> None:
         total, label = engine.config.num_rounds - state.rounds_completed, engine.algorithm.name
         if self.kind == "tqdm":
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar, not through it
+            self._redirect.__enter__()
             self._bar = tqdm(total=total, desc=label, unit="round")
         elif self.kind == "rich":
             from rich.progress import Progress
@@ -78,6 +86,7 @@ class ProgressBar(Callback):
     def on_train_end(self, engine: RoundEngine, state: EngineState, status: str) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._redirect.__exit__(None, None, None)
         elif self._rich is not None:
             self._rich.stop()
 
