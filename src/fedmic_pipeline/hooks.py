@@ -33,6 +33,7 @@ from kedro.pipeline import Pipeline
 from kedro.pipeline.node import Node
 
 from fedmic_pipeline.configuration import PARAMETER_ERRORS, blocks_read_by, validate_parameters
+from fedmic_pipeline.datasets.corrupt import CorruptFileError
 from fedmic_pipeline.flower.task import FlowerConfigError
 from fedmic_pipeline.partitioning import PartitionInputError
 
@@ -40,7 +41,7 @@ __all__ = ["INPUT_ERRORS", "LOG_FILE", "RunGuard"]
 
 #: Errors caused by what the user gave (parameters, input files), each raised with a message
 #: that names the fix: the user needs that message, not the stack that led to it.
-INPUT_ERRORS: tuple[type[Exception], ...] = (*PARAMETER_ERRORS, PartitionInputError, FlowerConfigError)
+INPUT_ERRORS: tuple[type[Exception], ...] = (*PARAMETER_ERRORS, PartitionInputError, FlowerConfigError, CorruptFileError)
 #: The run's log, relative to the project root (git-ignored).
 LOG_FILE = Path("logs/info.log")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -8,6 +8,7 @@ section with a status; absent evidence gives MISSING or NOT USED, never an excep
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fedmic_pipeline.audit.report_values import (
     WARN,
     json_safe,
 )
+from fedmic_pipeline.datasets.corrupt import corrupt_file
 
 MEDMNIST_CITATION = (
     'Yang, J. et al. "MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D biomedical image '
@@ -41,8 +43,30 @@ def used_synthetic_data(training_summary: Mapping[str, Any]) -> bool:
     return training_summary.get("extra_training_data", "none") == "synthetic"
 
 
+_MD5 = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
+
+
 def read_dvc_lock(path: Path) -> dict[str, Any] | None:
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    """dvc.lock, or None without one; a damaged lock (unparseable, truncated mid-entry, a hash
+    that is not one) is a ``CorruptFileError``: the audit cannot vouch for data it cannot read."""
+    if not path.is_file():
+        return None
+    fix = "Restore it with `git checkout dvc.lock`, or rebuild it with `dvc repro`"
+    try:
+        lock = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise corrupt_file(path, "dvc.lock (YAML)", error, fix) from error
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    if not isinstance(stages, dict):
+        raise corrupt_file(path, "dvc.lock", ValueError("no 'stages' mapping"), fix)
+    for stage, record in stages.items():
+        entries = [*(record.get("deps") or []), *(record.get("outs") or [])] if isinstance(record, dict) else None
+        if entries is None or "cmd" not in record:
+            raise corrupt_file(path, "dvc.lock", ValueError(f"stage '{stage}' has no cmd"), fix)
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not _MD5.match(str(entry.get("md5", ""))):
+                raise corrupt_file(path, "dvc.lock", ValueError(f"stage '{stage}': entry {entry!r} lacks a path or an md5"), fix)
+    return lock
 
 
 def data_category(path: str) -> str:

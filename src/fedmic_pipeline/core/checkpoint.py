@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "fedmic_pipeline.simulation_checkpoint"
 #: Bumped whenever the layout below changes; older files are refused with a clear error.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 #: SimulationConfig fields that cannot change any result, left out of the fingerprint.
 RUNTIME_ONLY_KEYS: tuple[str, ...] = ("progress",)
 _MAX_SHOWN = 120  # characters of a value shown in a mismatch message
@@ -322,11 +322,18 @@ def check_checkpoint(
         )  # fmt: skip
 
 
+#: First line of a checkpoint file; the second is the sha256 of the rest (``torch.save`` bytes).
+_SEALED = b"fedmic-checkpoint sha256\n"
+
+
 def serialize_checkpoint(checkpoint: Mapping[str, Any]) -> bytes:
-    """The checkpoint as bytes (``torch.save``: a pickle, see the module docstring)."""
+    """The checkpoint as bytes: ``torch.save`` (a pickle, see the module docstring) sealed
+    with its sha256, so a truncated or altered file is refused instead of resuming from
+    silently different weights (the zip inside does not checksum uncompressed tensors)."""
     buffer = io.BytesIO()
     torch.save(dict(checkpoint), buffer)
-    return buffer.getvalue()
+    body = buffer.getvalue()
+    return _SEALED + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
 
 def deserialize_checkpoint(data: bytes, map_location: str | torch.device | None = None) -> dict[str, Any]:
@@ -335,8 +342,19 @@ def deserialize_checkpoint(data: bytes, map_location: str | torch.device | None 
     ``weights_only=False`` because the file holds modules and optimizers; only load files
     this project wrote itself (unpickling can execute code).
     """
+    if not data.startswith(_SEALED):
+        raise CheckpointError(
+            "This is not a sealed fedmic_pipeline checkpoint (an older format, or another file): delete it and start "
+            "afresh (training.resume=false)."
+        )
+    digest, body = data[len(_SEALED) : len(_SEALED) + 64].decode("ascii", "replace"), data[len(_SEALED) + 65 :]
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise CheckpointError(
+            "The checkpoint's bytes do not match the sha256 it was sealed with: it is truncated or was altered after "
+            "it was written. Delete it and start afresh (training.resume=false)."
+        )
     try:
-        checkpoint = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        checkpoint = torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
     except Exception as exc:  # a truncated or foreign file: say what it is and what to do
         raise CheckpointError(
             f"The checkpoint cannot be read ({type(exc).__name__}: {exc}); delete it and start afresh."

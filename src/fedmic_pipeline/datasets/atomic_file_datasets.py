@@ -8,6 +8,7 @@ file appear in one step.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -18,6 +19,7 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 
 from .atomic import fsync_path
+from .corrupt import corrupt_file
 
 
 def require_local_protocol(protocol: str, dataset: str, location: str, alternative: str) -> None:
@@ -71,11 +73,21 @@ class _ReplaceOnSave:
 
 
 class AtomicJSONDataset(_ReplaceOnSave, JSONDataset):
-    """`json.JSONDataset` (same arguments, same bytes) whose file is replaced atomically."""
+    """`json.JSONDataset` (same arguments, same bytes) whose file is replaced atomically; a
+    damaged file is a ``CorruptFileError`` naming it."""
 
     def __init__(self, *, filepath: str, version: Any = None, **kwargs: Any) -> None:
         super().__init__(filepath=filepath, version=version, **kwargs)
         self._refuse_unsupported(version)
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        except DatasetError as error:
+            cause = error.__cause__ or error
+            if isinstance(cause, (json.JSONDecodeError, UnicodeDecodeError)):
+                raise corrupt_file(self._filepath, "JSON document", cause, "Re-run the stage that writes it") from cause
+            raise
 
 
 class AtomicCSVDataset(_ReplaceOnSave, CSVDataset):

@@ -13,11 +13,14 @@ import io
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 from kedro.io.core import AbstractDataset, DatasetError, get_filepath_str, get_protocol_and_path
+
+from .corrupt import corrupt_file
 
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -50,9 +53,26 @@ def save_npz_deterministic(path: str | os.PathLike, arrays: dict[str, np.ndarray
         raise
 
 
+#: What to run to rewrite an .npz, by the folder it lives in (the DVC stage that writes it).
+_WRITERS = (
+    ("01_raw", "Place the official MedMNIST file again"),
+    ("03_primary", "Re-run `kedro run --pipelines data_ingestion`"),
+    ("05_model_input/synthetic", "Re-run `kedro run --pipelines synthetic_generation`"),
+    ("05_model_input", "Re-run `kedro run --pipelines data_partition`"),
+)
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    """Every array of an .npz; a damaged file is a ``CorruptFileError`` naming it and the fix."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as error:
+        where = Path(path).as_posix()
+        fix = next((hint for folder, hint in _WRITERS if f"/{folder}/" in f"/{where}"), "Re-run the stage that writes it")
+        raise corrupt_file(path, ".npz of arrays", error, fix) from error
 
 
 class NpzDataset(AbstractDataset[dict[str, np.ndarray], dict[str, np.ndarray]]):

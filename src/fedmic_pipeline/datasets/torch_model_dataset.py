@@ -14,6 +14,7 @@ from typing import Any
 from kedro.io.core import AbstractDataset, DatasetError, get_filepath_str, get_protocol_and_path
 
 from .atomic import write_bytes_atomically
+from .corrupt import corrupt_file
 
 
 class TorchModelDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
@@ -29,9 +30,22 @@ class TorchModelDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
         self.metadata = metadata
 
     def load(self) -> dict[str, Any]:
+        import pickle
+
         import torch
 
-        return torch.load(get_filepath_str(self._filepath, "file"), map_location="cpu", weights_only=True)
+        path = get_filepath_str(self._filepath, "file")
+        fix = "Re-run `kedro run --pipelines federated_training`"
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as error:
+            raise corrupt_file(path, "model record (torch.save of architecture + weights)", error, fix) from error
+        missing = [key for key in self.REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise corrupt_file(path, "model record", KeyError(f"no {missing}"), fix)
+        return record
 
     def save(self, data: dict[str, Any]) -> None:
         import torch
