@@ -86,7 +86,7 @@ class PromotionRule:
             raise PromotionConfigError(
                 f"Unknown key(s) {unknown} in params:promotion (conf/base/parameters_audit.yml); valid keys: {list(_RULE_KEYS)}."
             )
-        for switch in ("enabled", "greater_is_better"):
+        for switch in ("enabled", "greater_is_better", "must_beat_majority"):
             if switch in params and not isinstance(params[switch], bool):
                 raise PromotionConfigError(f"promotion.{switch} must be true or false, got {params[switch]!r}.")
         if isinstance(params.get("min_improvement"), bool):
