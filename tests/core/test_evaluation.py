@@ -133,3 +133,15 @@ def test_evaluate_result_reports_global_and_sites(clients: list[ClientData], spe
     assert report["global"]["n"] == 60 and len(report["sites"]) == 3
     assert [s["client_id"] for s in report["sites"]] == [0, 1, 2]
     assert report["site_summary"]["num_sites"] == 3 and "accuracy" in report["site_summary"]["worst"]
+
+
+def test_reliability_bins_are_the_ece_behind_the_metric() -> None:
+    """The bins the reliability diagram draws reproduce the reported ECE exactly."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 300)
+    proba = rng.dirichlet([0.5, 0.5, 0.5], 300)
+    metrics = ev.compute_metrics(y, proba, 3, n_bootstrap=0)
+    bins = metrics["reliability"]
+    assert sum(bins["count"]) == 300 and len(bins["count"]) == 15
+    ece = sum(n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["mean_confidence"]) if n) / 300
+    assert ece == pytest.approx(metrics["ece"], abs=1e-12)

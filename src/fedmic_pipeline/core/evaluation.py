@@ -228,6 +228,20 @@ def bootstrap_weights(n: int, n_resamples: int, rng: np.random.Generator) -> np.
     return np.bincount(flat.ravel(), minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)
 
 
+def reliability_bins(y: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> dict[str, list]:
+    """The reliability diagram behind the ECE: per confidence bin (the top-class probability
+    in ``n_bins`` equal bins of (0, 1]) its sample count, mean confidence and accuracy
+    (None for an empty bin)."""
+    conf = proba.max(axis=1)
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    confidence = np.bincount(bins, weights=conf, minlength=n_bins)
+    correct = np.bincount(bins, weights=(proba.argmax(axis=1) == y).astype(np.float64), minlength=n_bins)
+    mean = [None if n == 0 else float(v / n) for v, n in zip(confidence, count, strict=True)]
+    accuracy = [None if n == 0 else float(v / n) for v, n in zip(correct, count, strict=True)]
+    return {"count": [int(n) for n in count], "mean_confidence": mean, "accuracy": accuracy}
+
+
 def compute_metrics(
     y_true: Any,
     proba: Any,
@@ -241,7 +255,8 @@ def compute_metrics(
 
     Returns plain Python values: the scalars of ``SCALAR_METRICS``, ``n``,
     ``per_class_recall`` (list, NaN for absent classes), ``confusion_matrix`` (list of
-    lists), and ``ci`` = {metric: [low, high]} plus ``per_class_recall_ci``.
+    lists), ``reliability`` (``reliability_bins``), and ``ci`` = {metric: [low, high]} plus
+    ``per_class_recall_ci``.
     """
     y, p = _check(y_true, proba)
     if num_classes is not None and p.shape[1] != num_classes:
@@ -256,6 +271,7 @@ def compute_metrics(
         out[name] = float(point[name][0])
     out["per_class_recall"] = [float(v) for v in point["per_class_recall"][0]]
     out["confusion_matrix"] = point["confusion_matrix"][0].round().astype(np.int64).tolist()
+    out["reliability"] = reliability_bins(y, p, n_bins)
     predicted = np.bincount(p.argmax(axis=1), minlength=p.shape[1])
     out["top_class_share"] = float(predicted.max() / y.size)
     out["constant_predictor"] = bool(out["top_class_share"] >= CONSTANT_SHARE)

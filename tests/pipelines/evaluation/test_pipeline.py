@@ -24,7 +24,10 @@ from fedmic_pipeline.pipelines.federated_training.pipeline import create_pipelin
 from fixtures_pipelines import project_params, synthetic_dataset, training_params
 
 #: The nodes of the slice: training and the evaluation nodes that need no tracking server.
-SLICE = ["train_federated", "evaluate_federation", "summarize_metrics", "site_table", "device_table", "class_table"]
+SLICE = [
+    "train_federated", "evaluate_federation", "summarize_metrics", "site_table", "device_table", "class_table",
+    "plot_confusion_matrix", "plot_reliability",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,19 @@ def test_the_slice_scores_each_model_where_it_should_be_judged(slice_outputs: Da
     assert [s["n"] for s in report["sites"]] == [len(clients[k]["test_labels"]) for k in sorted(clients)]
     assert report["majority_class"]["balanced_accuracy"] == pytest.approx(1 / 3)
     assert report["global"]["balanced_accuracy"] > report["majority_class"]["balanced_accuracy"]  # an easy task: it learns
+
+
+def test_the_confusion_matrix_and_reliability_figures_draw_the_reports_numbers(slice_outputs: DataCatalog) -> None:
+    report = slice_outputs.load("evaluation_report")
+    confusion = slice_outputs.load("confusion_matrix_plot")
+    counts_axes = confusion.axes[0]
+    shown = sorted(int(t.get_text()) for t in counts_axes.texts)
+    assert shown == sorted(int(v) for row in report["global"]["confusion_matrix"] for v in row)
+    reliability = slice_outputs.load("reliability_plot")
+    line = next(l for l in reliability.axes[0].get_lines() if l.get_label().startswith("ECE"))
+    bins = report["global"]["reliability"]
+    assert list(line.get_ydata()) == [a for a, n in zip(bins["accuracy"], bins["count"]) if n]
+    assert line.get_label() == f"ECE {report['global']['ece']:.3f}"
 
 
 def test_the_tables_and_headline_agree_with_the_report(slice_outputs: DataCatalog) -> None:

@@ -23,7 +23,7 @@ from fedmic_pipeline import model_evaluation
 from fedmic_pipeline.core.evaluation import SCALAR_METRICS
 from fedmic_pipeline.core.protocol import ConfigurationError
 from fedmic_pipeline.core.models import model_from_record
-from fedmic_pipeline.reporting import training_plots
+from fedmic_pipeline.reporting import evaluation_plots, training_plots
 from fedmic_pipeline.tracking import mlflow_logging
 
 from . import run_binding
@@ -155,6 +155,16 @@ def plot_site_metrics(site_metrics: pd.DataFrame, device_metrics: pd.DataFrame, 
     return training_plots.site_and_device_accuracy(site_metrics, device_metrics, str(training_summary["algorithm"]))
 
 
+def plot_confusion_matrix(evaluation_report: dict[str, Any]) -> Figure:
+    """The global model's confusion counts and recall shares (scikit-learn's display)."""
+    return evaluation_plots.confusion_matrix_figure(evaluation_report)
+
+
+def plot_reliability(evaluation_report: dict[str, Any]) -> Figure:
+    """The global model's reliability diagram behind its ECE (scikit-learn's display)."""
+    return evaluation_plots.reliability_figure(evaluation_report)
+
+
 def track_evaluation(
     evaluation_metrics: dict[str, Any],
     evaluation_report: dict[str, Any],
@@ -177,6 +187,8 @@ def track_evaluation(
         figures={
             "training_curves.png": plot_training_curves(training_history, training_summary),
             "site_and_device_accuracy.png": plot_site_metrics(site_metrics, device_metrics, training_summary),
+            "confusion_matrix.png": plot_confusion_matrix(evaluation_report),
+            "reliability.png": plot_reliability(evaluation_report),
         },
     )
 

@@ -42,6 +42,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "site_metrics_plot",
                 name="plot_site_metrics",
             ),
+            node(nodes.plot_confusion_matrix, "evaluation_report", "confusion_matrix_plot", name="plot_confusion_matrix"),
+            node(nodes.plot_reliability, "evaluation_report", "reliability_plot", name="plot_reliability"),
             node(
                 nodes.track_evaluation,
                 [
