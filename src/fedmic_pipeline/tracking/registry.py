@@ -206,8 +206,11 @@ def promotion_lock(client: Any, name: str, timeout_s: float = 120.0, stale_s: fl
     ``stale_s`` belongs to a promoter that died mid-decision and is broken.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+    # A create racing another promoter's create or delete can also answer "does not exist"
+    # (the server found the name taken, then gone): both mean "not acquired, try again".
+    contended = {ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)}
     lock = f"{name}{LOCK_SUFFIX}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -218,7 +221,7 @@ def promotion_lock(client: Any, name: str, timeout_s: float = 120.0, stale_s: fl
             )  # fmt: skip
             break
         except MlflowException as error:
-            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            if error.error_code not in contended:
                 raise
         with contextlib.suppress(MlflowException):  # released between our two calls: just retry
             held_since = float(client.get_registered_model(lock).tags.get("acquired_at", "0"))

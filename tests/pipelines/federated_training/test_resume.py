@@ -9,6 +9,7 @@ subprocess is SIGKILLed as soon as its checkpoint file appears.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -246,8 +247,13 @@ def test_bad_checkpoint_arguments_and_files_are_refused(federation):
         _run(federation, "fedavg", checkpoint_every=1)
     with pytest.raises(ConfigurationError, match="checkpoint_every must be an integer >= 0"):
         _run(federation, "fedavg", checkpoint_every=-1, on_checkpoint=print)
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="not a sealed fedmic_pipeline checkpoint"):
         deserialize_checkpoint(b"not a checkpoint")
+    sealed = serialize_checkpoint({"weights": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="cannot be read"):  # the seal holds, the body is no torch file
+        header = sealed[: sealed.index(b"\n") + 1]
+        body = b"junk"
+        deserialize_checkpoint(header + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
     with pytest.raises(CheckpointError, match="not a fedmic_pipeline training checkpoint"):
         deserialize_checkpoint(serialize_checkpoint({"weights": torch.zeros(2)}))
     checkpoint = _checkpoint_after_round_2(federation)
