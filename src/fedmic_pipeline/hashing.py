@@ -9,7 +9,6 @@ each array's .npy bytes as the partition and synthetic manifests hold it.
 from __future__ import annotations
 
 import hashlib
-import json
 import zipfile
 from pathlib import Path
 
@@ -23,15 +22,22 @@ def file_digest(path: Path, algorithm: str = "md5") -> str:
 
 
 def dvc_dir_md5(path: Path) -> tuple[str, dict[str, str]]:
-    """DVC 3's hash of a directory output (md5 of its sorted JSON listing, + '.dir') and the listing."""
+    """DVC 3's hash of a directory output (its '.dir' md5, as dvc.lock records it) and the
+    listing behind it, computed by DVC's own tree object rather than re-implemented."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
     listing = {
         file.relative_to(path).as_posix(): file_digest(file)
         for file in sorted(path.rglob("*"))
         if file.is_file()
     }
-    entries = [{"md5": md5, "relpath": rel} for rel, md5 in sorted(listing.items())]
-    digest = hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest()
-    return f"{digest}.dir", listing
+    tree = Tree()
+    for rel, md5 in listing.items():
+        tree.add(tuple(rel.split("/")), Meta(size=(path / rel).stat().st_size), HashInfo("md5", md5))
+    tree.digest()
+    return str(tree.hash_info.value), listing
 
 
 def npz_member_hashes(path: Path) -> tuple[dict[str, str], str | None]:

@@ -13,7 +13,6 @@ predictors, and the validation curve. Writes `data/08_reporting/recipe/<method>.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ import yaml
 
 from fedmic_pipeline import federation
 from fedmic_pipeline import model_evaluation
+from fedmic_pipeline.benchmarks.cli import configure_logging, publish, run_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ HEADLINE = (
 )
 
 
-def _load_partition(data_dir: Path) -> tuple[dict, dict, dict, dict]:
+def load_saved_partition(data_dir: Path) -> tuple[dict, dict, dict, dict]:
+    """(client arrays, global test set, manifest, dataset_info) as `make run` left them in ``data_dir``."""
     clients = {path.stem: dict(np.load(path)) for path in sorted((data_dir / "05_model_input/clients").glob("client_*.npz"))}
     if not clients:
         raise SystemExit(f"No client files in {data_dir / '05_model_input/clients'}: run `kedro run --pipelines data_ingestion,data_partition`.")
@@ -74,7 +75,7 @@ def _params_for(method: str, base: Mapping[str, Any], overrides: Mapping[str, An
 
 def run(method: str, variants: list[str], rounds: int, join_ratio: float, seed: int, threads: int, root: Path) -> list[dict]:
     conf = yaml.safe_load((root / "conf/base/parameters_federated_training.yml").read_text())
-    clients, global_test, manifest, info = _load_partition(root / "data")
+    clients, global_test, manifest, info = load_saved_partition(root / "data")
     training = {**conf["training"], "num_rounds": rounds, "join_ratio": join_ratio, "seed": seed, "num_threads": threads}
     evaluation = {**conf["evaluation"], "n_bootstrap": 0}
     rows = []
@@ -112,24 +113,15 @@ def markdown(method: str, rows: list[dict], rounds: int, join_ratio: float, seed
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = run_arguments(__doc__)
     parser.add_argument("--method", default="fedavg")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--join-ratio", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--root", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedmic_pipeline.core").setLevel(logging.WARNING)
+    configure_logging()
     rows = run(args.method, args.variants, args.rounds, args.join_ratio, args.seed, args.threads, args.root)
     text = markdown(args.method, rows, args.rounds, args.join_ratio, args.seed)
-    print(text)
-    out = args.root / "data/08_reporting/recipe"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.method}.md").write_text(text)
-    (out / f"{args.method}.json").write_text(json.dumps(rows, indent=2))
+    publish(text, rows, args.root / "data/08_reporting/recipe", args.method)
 
 
 if __name__ == "__main__":

@@ -48,17 +48,8 @@ from torch import nn
 
 from ..data import iterate_batches, make_generator, round_generator
 from ..algorithms.fedavg import FedAvgExchange
-from ..protocol import (
-    ClientData,
-    ClientState,
-    ConfigurationError,
-    DataSpec,
-    Metrics,
-    Payload,
-    RoundContext,
-    ServerState,
-    reject_unknown_keys,
-)
+from ..protocol import ClientData, ClientState, ConfigurationError, DataSpec, Metrics, Payload, RoundContext
+from ..protocol import ServerState, reject_unknown_keys
 from ..simulation import SimulationConfig, run_simulation
 from ..training import make_optimizer, payload_to_state, state_to_payload, weighted_average
 from .generator import RECON_LOSSES, ConditionalVAE, build_generator, vae_loss
