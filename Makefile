@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 # Two workers on two cores, each test with one torch thread (tests/conftest.py); a file's tests share a worker.
 PYTEST_WORKERS ?= 2
 
-.PHONY: help install run test test-fast repro clean-outputs
+.PHONY: help install run test test-fast bench repro clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:\t/'
@@ -51,6 +51,10 @@ test: $(STAMP)  ## run the whole test suite (extra pytest flags: PYTEST_ARGS="-m
 
 test-fast: $(STAMP)  ## the quick loop: everything but the slow end-to-end tests
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+
+BENCH_ARGS ?= --threads 1
+bench: $(STAMP)  ## client-training throughput vs the naive loop, side by side (needs `make run` first): data/08_reporting/benchmark.{json,md}
+	$(BIN)/python -m fedmic_pipeline.benchmarks.throughput $(BENCH_ARGS)
 
 repro: $(STAMP)  ## rebuild the DVC stages whose inputs changed
 	$(BIN)/dvc repro
