@@ -31,6 +31,10 @@ client's local-training data path and batch size differ:
 ``resident``
     The project's path at the configured batch size (default 32): the ratio to
     ``resident_bs10`` is the batch-size gain; the ratio to ``naive`` is the whole gain.
+``vectorized`` (methods whose local update stacks: FedAvg, FedProx)
+    ``resident`` with the round's clients trained together as one grouped network
+    (``core/vectorized.py``, ``vectorize_clients: always``); ``resident`` and the others
+    run ``never``, so the ratio to ``resident`` is the gain of stacking alone.
 
 Measured, from the engine's history: per round, the samples that went through local
 training (``client_metrics[*].num_samples``: epochs x train sizes of the sampled clients)
@@ -74,8 +78,10 @@ import torch
 
 from fedmic_pipeline.configuration import PARAMS_FILE
 from fedmic_pipeline.core.algorithms import build_algorithm
+from fedmic_pipeline.core.algorithms.fedavg import FedAvg
 from fedmic_pipeline.core.data import resolve_device
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError
+from fedmic_pipeline.core.vectorized import can_stack
 
 from .load import ForeignLoad, load1, wait_for_load
 from .naive import SUPPORTED_ALGORITHMS, NaiveImageDataset
@@ -87,6 +93,7 @@ from .variants import (
     NAIVE_BATCH_SIZE,
     RESIDENT,
     RESIDENT_BS10,
+    VECTORIZED,
     build_variant,
     load_partition,
     round_timings,
@@ -167,10 +174,13 @@ def run_benchmark(
         resolved[name] = algo.describe()  # type: ignore[attr-defined]
         default_bs = int(algo.config.batch_size)  # type: ignore[attr-defined]
         variants: list[tuple[str, int]] = [(NAIVE, naive_batch_size), (RESIDENT_BS10, naive_batch_size), (RESIDENT, default_bs)]
+        if isinstance(algo, FedAvg) and algo.stacked_proximal_mu() is not None and can_stack(algo.scratch_model()):
+            variants.append((VECTORIZED, default_bs))  # FedAvg, FedProx: the methods whose clients stack
 
         def run(variant: str, bs: int, use_clients: Sequence[ClientData], s: BenchmarkSettings, r: int) -> list[tuple[int, float]]:
             algorithm = build_variant(variant, name, params, spec, use_clients, raw, bs, s.seed)
-            return round_timings(simulate(algorithm, use_clients, spec, s, dev, r))
+            mode = "always" if variant == VECTORIZED else "never"
+            return round_timings(simulate(algorithm, use_clients, spec, s, dev, r, vectorize_clients=mode))
 
         if warmup:
             for variant, bs in variants:
@@ -245,6 +255,9 @@ def run_benchmark(
             "data_path_gain_at_bs10_paired": paired(RESIDENT_BS10, NAIVE),
             "batch_size_gain_paired": paired(RESIDENT, RESIDENT_BS10),
         }
+        if VECTORIZED in medians:
+            ratios[name]["vectorized_vs_resident"] = medians[VECTORIZED] / medians[RESIDENT]
+            ratios[name]["vectorized_vs_resident_paired"] = paired(VECTORIZED, RESIDENT)
     return {
         "schema": SCHEMA,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

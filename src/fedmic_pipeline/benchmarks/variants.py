@@ -3,7 +3,9 @@
 Every variant is an algorithm run by ``core.simulation.run_simulation`` (the engine) with
 evaluation off; they differ only in the client's local-training data path and batch size
 (``naive``: the ``naive.py`` subclasses over DataLoaders; ``resident_bs10`` and
-``resident``: the registered algorithm at batch 10 and at its configured batch size). A
+``resident``: the registered algorithm at batch 10 and at its configured batch size, one
+client after another; ``vectorized``: the same at its configured batch size with the
+round's clients trained together, ``core/vectorized.py``, for the methods that stack). A
 round's figures are the engine's own: the samples its clients trained on
 (``client_metrics[*].num_samples``) and its ``train_time_s``.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "RESIDENT",
     "RESIDENT_BS10",
     "VARIANT_LABELS",
+    "VECTORIZED",
     "build_variant",
     "load_partition",
     "round_timings",
@@ -43,13 +46,20 @@ __all__ = [
 NAIVE = "naive"
 RESIDENT_BS10 = "resident_bs10"
 RESIDENT = "resident"
+VECTORIZED = "vectorized"
 NAIVE_BATCH_SIZE = 10
 DATA_PATHS = {
     NAIVE: "DataLoader(map-style Dataset, uint8->float per __getitem__), num_workers=0",
     RESIDENT_BS10: "resident float32 tensors, seeded index slices (project)",
     RESIDENT: "resident float32 tensors, seeded index slices (project)",
+    VECTORIZED: "resident tensors, the round's clients stacked into one grouped network (project)",
 }
-VARIANT_LABELS = {NAIVE: "naive DataLoader", RESIDENT_BS10: "resident (project)", RESIDENT: "resident (project)"}
+VARIANT_LABELS = {
+    NAIVE: "naive DataLoader",
+    RESIDENT_BS10: "resident (project)",
+    RESIDENT: "resident (project)",
+    VECTORIZED: "clients together (project)",
+}
 
 
 def _client_id(path: Path) -> int:
@@ -115,11 +125,12 @@ def simulate(
     settings: BenchmarkSettings,
     device: torch.device,
     rounds: int,
+    vectorize_clients: str = "never",
 ) -> list[dict[str, Any]]:
     """The history of ``rounds`` engine rounds of ``algorithm`` in ``settings``, never evaluated."""
     config = SimulationConfig(
         num_rounds=rounds, join_ratio=settings.join_ratio, seed=settings.seed, device=str(device), amp=settings.amp,
-        eval_every=rounds, evaluate_global=False, evaluate_personalized=False,
+        eval_every=rounds, evaluate_global=False, evaluate_personalized=False, vectorize_clients=vectorize_clients,
     )  # fmt: skip
     return run_simulation(algorithm, clients, spec, config).history
 

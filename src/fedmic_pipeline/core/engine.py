@@ -55,6 +55,7 @@ __all__ = [
 #: History fields measured by the clock: the only ones that differ between identical runs.
 TIMING_KEYS: tuple[str, ...] = ("train_time_s", "eval_time_s", "round_time_s", "samples_per_s")
 PROGRESS_KINDS = ("none", "tqdm", "rich")
+VECTORIZE_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class SimulationConfig:
     after the last); only scored rounds can be selected. amp: 'auto' = autocast on CUDA
     only. num_threads: if set, ``torch.set_num_threads`` for the run (a process-wide
     setting, so it is opt-in). min_val_per_class: see ``core/selection.py``.
+    vectorize_clients: train a round's in-process clients together (``core/vectorized.py``,
+    equal to the sequential loop to floating-point tolerance): 'auto' = on CUDA only (on
+    this project's CPUs it measured slower than the sequential loop), 'always', or 'never'
+    (one after another, bit for bit the sequential results).
     """
 
     num_rounds: int = 10
@@ -82,6 +87,7 @@ class SimulationConfig:
     min_train_samples: int = 2
     num_threads: int | None = None
     min_val_per_class: int = 5
+    vectorize_clients: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
@@ -105,6 +111,10 @@ class SimulationConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigurationError(f"num_threads must be >= 1 or null, got {self.num_threads}.")
         resolve_device(self.device)  # unknown names and missing CUDA fail here, not mid-run
+        if self.vectorize_clients not in VECTORIZE_MODES:
+            raise ConfigurationError(
+                f"vectorize_clients must be one of {', '.join(VECTORIZE_MODES)}, got '{self.vectorize_clients}'."
+            )
         if str(self.amp).lower() not in ("auto", "on", "off"):
             raise ConfigurationError(f"amp must be 'auto', 'on' or 'off', got '{self.amp}'.")
 

@@ -127,6 +127,15 @@ class FederatedAlgorithm(ABC):
     ) -> tuple[Payload, ClientState, Metrics]:
         """Train locally from `payload`; return the upload, the new private state, metrics."""
 
+    def client_updates(
+        self, jobs: Sequence[tuple[ClientState, ClientData, Payload]], ctx: RoundContext
+    ) -> list[tuple[Payload, ClientState, Metrics]]:
+        """Several clients' ``client_update`` of one round, in order, where one process holds
+        them all (the in-process simulation). The default runs them one after another; a
+        method whose local step can train many clients at once (``core/vectorized.py``)
+        overrides it and falls back to this where it cannot."""
+        return [self.client_update(state, data, payload, ctx) for state, data, payload in jobs]
+
     @abstractmethod
     def aggregate(
         self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext

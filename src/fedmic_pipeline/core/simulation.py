@@ -212,7 +212,8 @@ def validate_setup(
 class InProcessClients:
     """The clients of this process as the engine's ``Transport``.
 
-    ``train`` calls each sampled client's ``client_update`` on its resident tensors;
+    ``train`` calls each sampled client's ``client_update`` on its resident tensors (or the
+    algorithm's ``client_updates`` for all of them at once, under ``vectorize_clients``);
     ``evaluate`` scores the global model on every hospital's validation split (pooled
     confusion counts) and each hospital's personalized model on its own, offering the
     personalized models to the selector (the engine offers the global one).
@@ -237,11 +238,17 @@ class InProcessClients:
         self.pooled_id = participants[0].client_id if pooled else None
 
     def train(self, ctx: RoundContext, payloads: Mapping[int, Payload]) -> RoundUpdates:
+        mode = self.config.vectorize_clients
+        together = mode == "always" or (mode == "auto" and ctx.device.type == "cuda")
+        jobs = [(self.states[cid], self.by_id[cid], payload) for cid, payload in payloads.items()]
+        if together:
+            results = self.algorithm.client_updates(jobs, ctx)
+        else:
+            results = [self.algorithm.client_update(state, data, payload, ctx) for state, data, payload in jobs]
         updates = []
-        for cid, payload in payloads.items():
-            data = self.by_id[cid]
-            upload, self.states[cid], metrics = self.algorithm.client_update(self.states[cid], data, payload, ctx)
-            updates.append(ClientUpdate(cid, upload, data.num_train, metrics))
+        for cid, (upload, state, metrics) in zip(payloads, results, strict=True):
+            self.states[cid] = state
+            updates.append(ClientUpdate(cid, upload, self.by_id[cid].num_train, metrics))
         return RoundUpdates(updates=updates, sent=list(payloads))
 
     def evaluate(self, ctx: RoundContext, server_state: ServerState, selector: ValidationSelector) -> RoundEvaluation:

@@ -22,12 +22,14 @@ taken, e.g. MOON's previous model, Ditto's personal task).
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..protocol import ClientData, ClientState, FederatedAlgorithm, Metrics, Payload, RoundContext, ServerState
-from ..training import ExtraLoss, TrainStats, payload_to_state, state_to_payload, weighted_average
+from ..training import ExtraLoss, TrainStats, autocast, payload_to_state, state_to_payload, weighted_average
+from ..vectorized import can_stack, train_stacked
 from .base import AlgorithmConfig, BaseAlgorithm, register
 
 __all__ = ["FedAvg", "FedAvgConfig", "FedAvgExchange"]
@@ -105,3 +107,59 @@ class FedAvg(BaseAlgorithm, FedAvgExchange):
         """The client's work once its ``upload`` is taken (``state`` may be updated in place);
         returns the round's metrics, FedAvg's being the local training's."""
         return stats.as_metrics()
+
+    def stacked_proximal_mu(self) -> float | None:
+        """The proximal weight of the local objective when ``train_stacked`` can compute it
+        (FedAvg: none, 0), or None when a subclass's objective is something else (MOON)."""
+        return 0.0 if type(self).local_objective is FedAvg.local_objective else None
+
+    def client_updates(
+        self, jobs: Sequence[tuple[ClientState, ClientData, Payload]], ctx: RoundContext
+    ) -> list[tuple[Payload, ClientState, Metrics]]:
+        """The round's local updates trained together (``core/vectorized.train_stacked``),
+        each then recalibrated, uploaded and finished by ``after_local_update`` exactly as
+        ``local_update`` does; one after another where that cannot apply (another optimizer
+        or model, an overridden local update, DP, a single client)."""
+        mu = self.stacked_proximal_mu()
+        batchable = (
+            len(jobs) > 1
+            and mu is not None
+            and type(self).local_update is FedAvg.local_update
+            and type(self).client_update is FedAvgExchange.client_update
+            and self.config.optimizer == "sgd"
+            and can_stack(self.scratch_model())
+        )
+        if not batchable:
+            return super().client_updates(jobs, ctx)
+        models = self._work_models(len(jobs))
+        for model, (_, _, payload) in zip(models, jobs, strict=True):
+            payload_to_state(model, payload)
+        c = self.config
+        datas = [data for _, data, _ in jobs]
+        all_stats = train_stacked(
+            models,
+            datas,
+            epochs=c.local_epochs,
+            batch_size=c.batch_size,
+            lr=self.round_lr(ctx),
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            generators=[self.client_generator(ctx, d.client_id) for d in datas],
+            logit_offsets=[self.logit_offset(d) for d in datas],
+            proximal_mu=mu,
+            autocast=lambda: autocast(ctx),
+        )
+        results = []
+        for model, (state, data, payload), stats in zip(models, jobs, all_stats, strict=True):
+            self.recalibrate(model, data)
+            upload = state_to_payload(model)
+            results.append((upload, state, self.after_local_update(state, data, payload, upload, stats, ctx)))
+        return results
+
+    def _work_models(self, count: int) -> list[nn.Module]:
+        """``count`` reusable work models (every entry is overwritten from a payload)."""
+        pool = getattr(self, "_stack_pool", [])
+        pool = [m for m in pool if next(m.parameters()).device == self.device]
+        pool.extend(self.new_model(seed=0) for _ in range(count - len(pool)))
+        self._stack_pool = pool
+        return pool[:count]

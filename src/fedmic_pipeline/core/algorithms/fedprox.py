@@ -36,3 +36,6 @@ class FedProx(FedAvg):
 
     def local_objective(self, model: nn.Module, payload: Payload, state: ClientState, ctx: RoundContext) -> ExtraLoss | None:
         return proximal_term(model, payload, self.config.mu)  # type: ignore[attr-defined]
+
+    def stacked_proximal_mu(self) -> float | None:
+        return self.config.mu if type(self).local_objective is FedProx.local_objective else None  # type: ignore[attr-defined]
