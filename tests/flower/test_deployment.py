@@ -6,7 +6,9 @@ scalars, float16/int64/bool), and the client's private state in ``context.state`
 
 Slow tests (``-m slow``): one real ``flower-superlink`` and two ``flower-supernode``
 processes on 127.0.0.1 serve a tiny two-hospital partition written in the partition file
-format. Two rounds of FedMIC (thin ResNet-18 teacher) and of FedAvg must end with the
+format, secured as the launcher secures it by default: TLS with a private CA, SuperNode
+authentication with registered keys, and each node running only the app its site
+approved (``site_supernode``); every run below therefore also proves that set-up works. Two rounds of FedMIC (thin ResNet-18 teacher) and of FedAvg must end with the
 same global student as ``core.simulation.run_simulation`` for the same seed (allclose
 1e-5; in practice bit-identical), with the same core byte counts, and with serialized
 Flower messages within the stated framing bound of them. A SuperNode killed with SIGKILL
@@ -384,9 +386,14 @@ def test_fedmic_over_flower_matches_in_process(matching_runs: dict[str, Any]) ->
 
 
 @pytest.mark.slow
-def test_fedavg_over_flower_matches_in_process(matching_runs: dict[str, Any]) -> None:
+def test_fedavg_over_flower_matches_in_process(matching_runs: dict[str, Any], federation) -> None:
     result, reference, _ = matching_runs["fedavg"]
     _check_against_in_process(result, reference)
+    # over TLS, with authenticated nodes, each of which checked and approved the app
+    assert federation.credentials is not None
+    assert {"--enable-supernode-auth", "--ssl-certfile"} <= set(federation.superlink.popen.args)
+    approved = {"decision": "approved", "app_sha256": federation.app_sha256}
+    assert result.site_decisions == {0: approved, 1: approved}
 
 
 def _run_and_kill(federation: Any, run_config: dict[str, Any], node: int, sig: int, timeout: float) -> Any:

@@ -8,14 +8,25 @@ What it does (``LoopbackFederation``):
 * picks free ports on 127.0.0.1 and writes a private ``$FLWR_HOME/config.toml`` with a
   SuperLink connection ``loopback`` (Flower 1.41 reads connections from there, not from
   pyproject.toml), so nothing touches ``~/.flwr``;
-* starts ``flower-superlink --insecure --disable-runtime-dependency-installation`` and
-  N ``flower-supernode --insecure --superlink 127.0.0.1:PORT --node-config
-  "partition-id=i num-partitions=N data-dir='...'"``, each in its own process group
+* secures it the way a hospital's IT would ask, by default (``--insecure`` opts out):
+  TLS with a private CA and SuperNode authentication (``certificates``; made in
+  ``<work-dir>/certs`` unless ``--certs-dir`` names a set). The SuperLink runs
+  ``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile
+  --enable-supernode-auth``; each SuperNode's public key is registered with ``flwr
+  supernode register`` before the node starts with ``--root-certificates ca.crt
+  --auth-supernode-private-key``; the ``flwr`` CLI verifies the SuperLink with
+  ``root-certificates`` in config.toml;
+* starts the SuperLink with ``--disable-runtime-dependency-installation`` and N
+  SuperNodes with ``--node-config "partition-id=i num-partitions=N data-dir='...'"``,
+  each through ``site_supernode`` with an approved-apps file of its own
+  (``<work-dir>/sites/site-<i>/``) that holds the hash of the app about to run, so a
+  node refuses any other app version; each process runs in its own process group
   (their SuperExec and ClientApp/ServerApp children join it), with telemetry, update
   checks and runtime dependency installation (``uv sync``) disabled in the environment;
 * runs ``flwr run <app-dir> loopback --run-config ... --stream`` (blocks until the run
-  ends) and reads the ServerApp's ``flower_summary.json``; ``<app-dir>`` holds only a
-  pyproject.toml with the project's ``[tool.flwr]`` tables (see ``prepare_app_dir``);
+  ends) and reads the ServerApp's ``flower_summary.json`` and each site's decision log;
+  ``<app-dir>`` holds only a pyproject.toml with the project's ``[tool.flwr]`` tables
+  (see ``prepare_app_dir``);
 * tears everything down -- on success, on error and on Ctrl-C/SIGTERM -- by signalling
   the process groups (SIGTERM, then SIGKILL) and checking with psutil that no process it
   started (or any descendant) is left.
@@ -44,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from . import task
+from .certificates import CertificateError, FederationCredentials, create_credentials, create_node_key
+from .site_supernode import AppApprovalError, fab_sha256, write_approved_apps
 
 __all__ = ["FlowerRunResult", "LoopbackFederation", "flower_env", "format_run_config", "main", "prepare_app_dir"]
 
@@ -138,7 +151,13 @@ def format_run_config(values: Mapping[str, Any]) -> str:
 
 @dataclass
 class FlowerRunResult:
-    """One ``flwr run``: exit code, Flower run id, wall time, output and the summary."""
+    """One ``flwr run``: exit code, Flower run id, wall time, output and the summary.
+
+    ``app_sha256`` is the hash of the FAB submitted; ``site_decisions`` maps each
+    SuperNode (index = partition id) to what its app check decided for this run,
+    ``{"decision": "approved" | "refused", "app_sha256": ...}``, read from the site's own
+    decision log (empty without app checks, e.g. under the Ray simulation).
+    """
 
     returncode: int
     run_id: int | None
@@ -146,6 +165,8 @@ class FlowerRunResult:
     output: str
     summary: dict[str, Any] | None
     output_dir: Path
+    app_sha256: str | None = None
+    site_decisions: dict[int, dict[str, str]] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -165,6 +186,12 @@ class LoopbackFederation:
 
     Use as a context manager; ``stop()`` is idempotent and also runs on exceptions.
     ``node_configs`` optionally adds node-config entries per node (a mapping each).
+
+    Security (see ``docs/notes/flower_security.md``): TLS and SuperNode authentication
+    unless ``insecure``; ``certs_dir`` names a set made by ``certificates`` (default: one
+    made in ``<work_dir>/certs``). ``app_check`` starts the SuperNodes through
+    ``site_supernode``; ``approve_app`` puts the hash of ``app_dir`` on every node's list
+    (``False``: the lists stay empty and every run is refused).
     """
 
     def __init__(
@@ -178,6 +205,10 @@ class LoopbackFederation:
         node_configs: list[Mapping[str, Any]] | None = None,
         startup_timeout: float = 60.0,
         simulation: bool = False,
+        insecure: bool = False,
+        certs_dir: Path | str | None = None,
+        app_check: bool = True,
+        approve_app: bool = True,
     ) -> None:
         if num_nodes < 1:
             raise task.FlowerConfigError(f"num_nodes must be >= 1, got {num_nodes}.")
@@ -185,7 +216,8 @@ class LoopbackFederation:
         self.project_dir = Path(project_dir).resolve() if project_dir else task.project_root()
         self.data_dir = task.resolve_path(data_dir, self.project_dir)
         self._own_work_dir = work_dir is None
-        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fedmic-flower-"))
+        # absolute: the processes run in project_dir and get paths under work_dir
+        self.work_dir = Path(work_dir).resolve() if work_dir else Path(tempfile.mkdtemp(prefix="fedmic-flower-"))
         self.logs_dir = self.work_dir / "logs"
         self.flwr_home = self.work_dir / "flwr_home"
         self.app_dir = self.work_dir / "app"
@@ -195,11 +227,19 @@ class LoopbackFederation:
         #: Ray simulation: the SuperLink runs ``num_nodes`` virtual SuperNodes itself
         #: (``flower-superlink --simulation``); no SuperNode processes are started.
         self.simulation = simulation
+        self.insecure = insecure
+        self.certs_dir = Path(certs_dir).resolve() if certs_dir else None
+        self.credentials: FederationCredentials | None = None
+        self.app_check = app_check and not simulation
+        self.approve_app = approve_app
+        self.sites_dir = self.work_dir / "sites"
+        self.app_sha256: str | None = None
         self.port = 0
         self.superlink: _Proc | None = None
         self.nodes: dict[int, _Proc] = {}
         self._all: list[_Proc] = []
         self._run_numbers = itertools.count(1)  # thread-safe: runs may be started concurrently
+        self._restart_numbers = itertools.count(1)
         self._started = False
 
     # -- processes ---------------------------------------------------------------------
@@ -231,55 +271,151 @@ class LoopbackFederation:
         return found
 
     def start(self) -> "LoopbackFederation":
-        """Start the SuperLink and every SuperNode; returns when the SuperLink listens."""
+        """Start the SuperLink and every SuperNode; returns when the SuperLink listens
+        (and, with node authentication, every node's key is registered)."""
         if self._started:
             return self
         self._started = True
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         prepare_app_dir(self.project_dir, self.app_dir)
+        if not self.insecure:
+            self.credentials = self._credentials()
+        if self.app_check:
+            self.app_sha256 = fab_sha256(self.app_dir)
+            for i in range(self.num_nodes):
+                write_approved_apps(
+                    self.site_paths(i)[0], [self.app_sha256] if self.approve_app else [],
+                    note=f"written by the loopback launcher for {self.app_dir}",
+                )  # fmt: skip
         self.port = free_port()
+        tls = f'root-certificates = "{self.credentials.ca_cert.resolve()}"' if self.credentials else "insecure = true"
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',
+            f'address = "127.0.0.1:{self.port}"\n{tls}\n',
             encoding="utf-8",
         )
         t0 = time.perf_counter()
         self.superlink = self._spawn(
             "superlink",
             [
-                self._exe("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1", "--port", str(self.port), *(["--simulation"] if self.simulation else []),
+                self._exe("flower-superlink"), *self._superlink_security_args(),
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port),
+                *(["--simulation"] if self.simulation else []),
             ],
         )  # fmt: skip
         self._wait(lambda: _port_open(self.port), self.superlink, "the SuperLink to listen")
         if not self.simulation:
+            if self.credentials:
+                self.register_node_keys([public for _, public in self.credentials.node_keys])
             for i in range(self.num_nodes):
                 self.start_node(i)
         logger.info(
-            "SuperLink on 127.0.0.1:%d with %d %s started in %.1fs", self.port, self.num_nodes,
+            "SuperLink on 127.0.0.1:%d (%s) with %d %s started in %.1fs%s", self.port,
+            "insecure" if self.insecure else "TLS, SuperNode authentication", self.num_nodes,
             "simulated SuperNodes (Ray)" if self.simulation else "SuperNodes", time.perf_counter() - t0,
+            f"; app sha256 {self.app_sha256} {'approved' if self.approve_app else 'NOT approved'} on every node"
+            if self.app_check else "",
         )  # fmt: skip
         return self
 
-    def start_node(self, index: int) -> None:
-        """(Re)start SuperNode ``index`` serving partition ``index``."""
-        if index in self.nodes and self.nodes[index].popen.poll() is None:
-            raise RuntimeError(f"SuperNode {index} is already running (pid {self.nodes[index].popen.pid}).")
+    def _credentials(self) -> FederationCredentials:
+        """The given certificate set (checked), else the work dir's, made when absent."""
+        if self.certs_dir is not None:
+            return FederationCredentials.in_directory(self.certs_dir, self.num_nodes)
+        directory = self.work_dir / "certs"
+        try:
+            return FederationCredentials.in_directory(directory, self.num_nodes)
+        except CertificateError:
+            return create_credentials(directory, self.num_nodes, force=True)
+
+    def _superlink_security_args(self) -> list[str]:
+        if self.credentials is None:
+            return ["--insecure"]
+        tls = [
+            "--ssl-ca-certfile", str(self.credentials.ca_cert), "--ssl-certfile", str(self.credentials.server_cert),
+            "--ssl-keyfile", str(self.credentials.server_key),
+        ]  # fmt: skip
+        return tls if self.simulation else [*tls, "--enable-supernode-auth"]
+
+    def register_node_keys(self, public_keys: list[Path], timeout: float = 60.0) -> None:
+        """``flwr supernode register <key> loopback`` for each key, side by side: only
+        SuperNodes holding a registered key may join an authenticating SuperLink."""
+        registrations = []
+        for number, key in enumerate(public_keys):
+            log_path = self.logs_dir / f"register-{Path(key).stem}.log"
+            with log_path.open("wb") as handle:
+                popen = subprocess.Popen(  # noqa: S603
+                    [self._exe("flwr"), "supernode", "register", str(key), CONNECTION], cwd=self.project_dir,
+                    env=self.env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            registrations.append((key, popen, log_path))
+        for key, popen, log_path in registrations:
+            try:
+                code = popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                code = -9
+            if code != 0:
+                raise RuntimeError(
+                    f"Registering the SuperNode key {key} with the SuperLink failed (exit {code}); see {log_path}:\n"
+                    f"{_tail(log_path)}"
+                )
+        logger.info("registered %d SuperNode public keys with the SuperLink", len(public_keys))
+
+    def site_paths(self, index: int) -> tuple[Path, Path]:
+        """SuperNode ``index``'s approved-apps file and decision log (its site's files)."""
+        site = self.sites_dir / f"site-{index}"
+        return site / "approved_apps.txt", site / "app_decisions.jsonl"
+
+    def supernode_argv(
+        self, index: int, *, private_key: Path | None = None, root_certificates: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> list[str]:  # fmt: skip
+        """The command of SuperNode ``index``; ``private_key`` / ``root_certificates``
+        replace the node's own key and the federation's CA (to test refusals)."""
         node_config = {
             "partition-id": index,
             "num-partitions": self.num_nodes,
             "data-dir": str(self.data_dir),
-            **self.node_configs[index],
+            **(self.node_configs[index] if index < len(self.node_configs) else {}),
         }
-        self.nodes[index] = self._spawn(
-            f"supernode-{index}",
-            [
-                self._exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", format_run_config(node_config),
-            ],
-        )  # fmt: skip
+        if self.app_check:
+            approved, decisions = self.site_paths(index)
+            command = [sys.executable, "-m", "fedmic_pipeline.flower.site_supernode", "--approved-apps", str(approved),
+                       "--decision-log", str(decisions)]  # fmt: skip
+        else:
+            command = [self._exe("flower-supernode")]
+        if self.credentials is None:
+            security = ["--insecure"]
+        else:
+            key = private_key or self.credentials.node_keys[index][0]
+            security = ["--root-certificates", str(root_certificates or self.credentials.ca_cert),
+                        "--auth-supernode-private-key", str(key)]  # fmt: skip
+        return [
+            *command, *security, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port",
+            str(free_port()), "--node-config", format_run_config(node_config), *(extra_args or []),
+        ]  # fmt: skip
+
+    def start_node(self, index: int) -> None:
+        """(Re)start SuperNode ``index`` serving partition ``index``.
+
+        With node authentication a restart gets a fresh, newly registered key: the
+        SuperLink refuses to activate a key whose node it still counts as online, which a
+        killed node stays for up to two heartbeat intervals (60 s in Flower 1.41)."""
+        if index in self.nodes and self.nodes[index].popen.poll() is None:
+            raise RuntimeError(f"SuperNode {index} is already running (pid {self.nodes[index].popen.pid}).")
+        private_key = None
+        if index in self.nodes and self.credentials is not None:
+            restarts = next(self._restart_numbers)
+            private_key, public_key = create_node_key(self.work_dir / "certs" / "restarts", f"supernode-{index}-{restarts}")
+            self.register_node_keys([public_key])
+        self.nodes[index] = self._spawn(f"supernode-{index}", self.supernode_argv(index, private_key=private_key))
+
+    def spawn(self, name: str, argv: list[str]) -> "_Proc":
+        """Start another process of this deployment (logs, environment and teardown as
+        for its own), e.g. a SuperNode that should be refused."""
+        return self._spawn(name, argv)
 
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Kill SuperNode ``index`` and its whole process group (SuperExec, ClientApp)."""
@@ -299,9 +435,11 @@ class LoopbackFederation:
             time.sleep(0.2)
 
     # -- runs --------------------------------------------------------------------------
-    def run(self, run_config: Mapping[str, Any], timeout: float = 600.0) -> FlowerRunResult:
+    def run(self, run_config: Mapping[str, Any], timeout: float = 600.0, app_dir: Path | str | None = None) -> FlowerRunResult:
         """``flwr run <app-dir> loopback --run-config ... --stream``; blocks until the run
-        ends (or ``timeout``), then reads ``<output-dir>/flower_summary.json``."""
+        ends (or ``timeout``), then reads ``<output-dir>/flower_summary.json`` and the
+        sites' decisions. ``app_dir`` runs another app than the approved one (its hash is
+        on no node's list unless it equals the approved app's)."""
         if not self._started:
             raise RuntimeError("Call start() (or use the federation as a context manager) first.")
         from .server_app import SUMMARY_FILE
@@ -314,8 +452,10 @@ class LoopbackFederation:
         values["output-dir"] = str(output_dir)
         summary_path = output_dir / SUMMARY_FILE
         summary_path.unlink(missing_ok=True)
+        app_dir = Path(app_dir) if app_dir is not None else self.app_dir
+        app_sha256 = fab_sha256(app_dir) if self.app_check else None
         argv = [
-            self._exe("flwr"), "run", str(self.app_dir), CONNECTION,
+            self._exe("flwr"), "run", str(app_dir), CONNECTION,
             "--run-config", format_run_config(values), "--stream",
         ]  # fmt: skip
         if self.simulation:
@@ -343,9 +483,26 @@ class LoopbackFederation:
         output = log_path.read_text(encoding="utf-8", errors="replace")
         match = re.search(r"Successfully started run (\d+)", output)
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-        result = FlowerRunResult(returncode, int(match.group(1)) if match else None, wall, output, summary, output_dir)
+        run_id = int(match.group(1)) if match else None
+        result = FlowerRunResult(
+            returncode, run_id, wall, output, summary, output_dir, app_sha256=app_sha256,
+            site_decisions=self.site_decisions(run_id) if run_id is not None and self.app_check else {},
+        )  # fmt: skip
         logger.info("flwr run #%d: exit %d, status %s, %.1fs", run_no, returncode, result.status, wall)
         return result
+
+    def site_decisions(self, run_id: int) -> dict[int, dict[str, str]]:
+        """What each SuperNode's app check decided for ``run_id`` (its decision log)."""
+        decisions: dict[int, dict[str, str]] = {}
+        for index in range(self.num_nodes):
+            log_path = self.site_paths(index)[1]
+            if not log_path.is_file():
+                continue
+            for line in log_path.read_text(encoding="utf-8").splitlines():
+                entry = json.loads(line)
+                if entry.get("run_id") == run_id:
+                    decisions[index] = {"decision": entry["decision"], "app_sha256": entry["app_sha256"]}
+        return decisions
 
     # -- teardown ----------------------------------------------------------------------
     def _remember_descendants(self, proc: _Proc) -> None:
@@ -483,10 +640,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--simulation", action="store_true", help="Ray simulation: one SuperLink --simulation, N virtual SuperNodes"
     )
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain HTTP, no SuperNode authentication (default: TLS + node keys)"
+    )
+    parser.add_argument(
+        "--certs-dir", default=None, help="certificates and node keys from `python -m fedmic_pipeline.flower.certificates` "
+        "(default: a new set in the work dir)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-approve", action="store_true", help="do not approve the app on the nodes: every node refuses the run"
+    )
+    parser.add_argument(
+        "--no-app-check", action="store_true", help="plain flower-supernode, without the sites' approved-apps check"
+    )
+    parser.add_argument(
+        "--write-app", metavar="DIR", help="only write the app directory `flwr run` is given and print its FAB hash "
+        "(what each site approves), then exit",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     task.configure_logging()
 
     root = task.project_root()
+    if args.write_app:
+        print(fab_sha256(prepare_app_dir(root, Path(args.write_app))))
+        return 0
     data_dir = task.resolve_path(args.data_dir, root)
     nodes = args.nodes or len(list((data_dir / task.CLIENTS_SUBDIR).glob("client_*.npz")))
     if nodes < 1:
@@ -510,7 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     t0 = time.perf_counter()
-    federation = LoopbackFederation(nodes, data_dir, project_dir=root, work_dir=args.work_dir, simulation=args.simulation)
+    federation = LoopbackFederation(
+        nodes, data_dir, project_dir=root, work_dir=args.work_dir, simulation=args.simulation, insecure=args.insecure,
+        certs_dir=args.certs_dir, app_check=not args.no_app_check, approve_app=not args.no_approve,
+    )  # fmt: skip
     try:
         with federation:
             t_up = time.perf_counter() - t0
@@ -518,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted: the federation was torn down; logs in %s", federation.logs_dir)
         return 130
+    except (task.FlowerConfigError, CertificateError, AppApprovalError) as exc:
+        logger.error("%s", exc)
+        return 2
     total = time.perf_counter() - t0
     sys.stdout.write(result.output)
     summary = result.summary or {}
@@ -529,6 +712,11 @@ def main(argv: list[str] | None = None) -> int:
         totals.get("bytes_down_total"), totals.get("wire_bytes_up_total"), totals.get("wire_bytes_down_total"),
         result.output_dir, federation.logs_dir,
     )  # fmt: skip
+    if result.app_sha256:
+        logger.info(
+            "app sha256 %s; sites: %s", result.app_sha256,
+            ", ".join(f"{i} {d['decision']}" for i, d in sorted(result.site_decisions.items())) or "no decision logged",
+        )  # fmt: skip
     if summary.get("error"):
         logger.error("%s", summary["error"])
     return 0 if result.status == "completed" else 1
