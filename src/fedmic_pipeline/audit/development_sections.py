@@ -20,6 +20,7 @@ from fedmic_pipeline.audit.data_sections import used_synthetic_data
 from fedmic_pipeline.audit.mlflow_view import flatten
 from fedmic_pipeline.audit.report_values import PASS, WARN, json_safe
 from fedmic_pipeline.tracking.lineage import UNKNOWN, git_state
+from fedmic_pipeline.tracking.mlflow_logging import privacy_from_summary
 
 # Versions an auditor asks for first; the rest of the environment is in requirements.lock.
 KEY_PACKAGES = (
@@ -208,6 +209,7 @@ def training_process(
         "device": {"requested": simulation.get("device"), "amp": simulation.get("amp"), "num_threads": simulation.get("num_threads")},
         "train_samples_per_client": training_summary.get("train_samples"),
         "use_synthetic": used_synthetic_data(training_summary),
+        "differential_privacy": json_safe(privacy_from_summary(training_summary, training_history)),
         "wall_time_s": totals.get("wall_time_s"),
         "rounds": rounds,
     }

@@ -35,6 +35,50 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
+def privacy_from_summary(summary: Mapping[str, Any], history: pd.DataFrame | None = None) -> dict[str, Any] | None:
+    """The client-level DP budget of a run (``core/privacy.py``), or None when the run had no
+    ``dp`` block: recomputed from the summary's resolved ``dp.*`` parameters, the hospitals
+    sampled per round (the history's ``num_sampled``, else the engine's rule for the join
+    ratio) and the rounds run, i.e. the numbers the run's server state recorded. An audit
+    may run long after training, so it recomputes rather than trusting a stored number."""
+    config = summary.get("algorithm_config") or {}
+    dp_params = {key.removeprefix("dp."): value for key, value in config.items() if key.startswith("dp.")}
+    if not dp_params:
+        return None
+    from fedmic_pipeline.core.engine import sample_clients
+    from fedmic_pipeline.core.privacy import privacy_of_run
+
+    simulation = summary.get("simulation") or {}
+    num_clients = summary.get("num_clients")
+    rounds = int((summary.get("totals") or {}).get("rounds") or (len(history) if history is not None else 0))
+    if history is not None and len(history) and "num_sampled" in history:
+        per_round = int(history["num_sampled"].iloc[0])
+    elif num_clients:
+        per_round = len(sample_clients(range(int(num_clients)), float(simulation.get("join_ratio", 1.0)), 0, 0))
+    else:
+        per_round = None
+    spent = privacy_of_run(dp_params, per_round, num_clients, rounds, simulation.get("num_rounds"))
+    return spent.as_dict()
+
+
+def log_privacy(run_id: str, privacy: Mapping[str, Any]) -> None:
+    """``dp.epsilon`` per round (step = round, as the other curves), the run's epsilon, delta
+    and noise multiplier as ``total.dp.*``, and the placement as a tag. An infinite epsilon
+    (no noise) is a tag, MLflow metrics being finite."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    curve = [Metric(key="dp.epsilon", value=float(eps), timestamp=now, step=step)
+             for step, eps in enumerate(privacy["epsilon_per_round"], start=1) if _finite(eps)]  # fmt: skip
+    if curve:
+        MlflowClient().log_batch(run_id, metrics=curve)
+    totals = {f"total.dp.{key}": float(privacy[key]) for key in ("epsilon", "delta", "noise_multiplier", "sample_rate", "clip_norm")}
+    mlflow.log_metrics({key: value for key, value in totals.items() if _finite(value)})
+    mlflow.set_tags({"dp.placement": str(privacy["placement"]), "dp.epsilon": str(privacy["epsilon"])})
+
+
 def _active_run_id() -> str | None:
     import mlflow
 
@@ -173,6 +217,9 @@ def log_training_run(
     totals = {f"total.{k}": float(v) for k, v in summary["totals"].items() if _finite(v)}
     totals["mb_up_per_client_per_round"] = float(summary["mb_up_per_client_per_round"])
     mlflow.log_metrics(totals)
+    privacy = privacy_from_summary(summary, history)
+    if privacy is not None:
+        log_privacy(run_id, privacy)
 
     registered = None
     if "global" in models:

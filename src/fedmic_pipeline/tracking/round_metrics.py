@@ -8,6 +8,7 @@ plot on the same axes. Without a tracking URI every method is a no-op.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ class MlflowRoundLogger(Callback):
             return
         metrics = {k: float(record[k]) for k in ROUND_METRICS if record.get(k) is not None}
         metrics["num_sampled"] = float(len(record["sampled"]))
+        privacy = state.server_state.get("privacy") if isinstance(state.server_state, dict) else None
+        if privacy and math.isfinite(privacy["epsilon"]):  # the DP budget spent so far (core/privacy.py)
+            metrics["dp.epsilon"] = float(privacy["epsilon"])
         self._mlflow.log_metrics(metrics, step=int(record["round"]) + 1)
 
     def finish(self, totals: Mapping[str, Any], status: str, artifacts: Iterable[Path] = ()) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..data import round_generator
 from ..models import MODEL_NAMES, build_model
+from ..privacy import ClientLevelDP, DPConfig
 from ..protocol import (
     ClientData,
     ClientState,
@@ -142,6 +143,7 @@ class AlgorithmConfig:
     loss: str = "ce"
     logit_adjust_tau: float = 1.0
     bn_recalibrate: bool = False
+    dp: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -171,6 +173,12 @@ class AlgorithmConfig:
         )
         require(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'.")
         require(self.logit_adjust_tau >= 0.0, f"logit_adjust_tau must be >= 0, got {self.logit_adjust_tau}.")
+        if self.dp is not None:
+            object.__setattr__(self, "dp", dataclasses.asdict(DPConfig.from_params(self.dp)))
+
+    def dp_config(self) -> DPConfig | None:
+        """The validated ``dp`` block, or None when differential privacy is off."""
+        return None if self.dp is None else DPConfig(**self.dp)
 
     def to_params(self) -> dict[str, Any]:
         """Flat, JSON/MLflow-friendly view (model options as ``model_options.<key>``)."""
@@ -178,6 +186,8 @@ class AlgorithmConfig:
         for key, value in dataclasses.asdict(self).items():
             if key == "model_options":
                 out.update({f"model_options.{k}": v for k, v in sorted(value.items())})
+            elif key == "dp":
+                out.update(DPConfig(**value).to_params() if value is not None else {})
             else:
                 out[key] = value
         return out
@@ -228,6 +238,8 @@ class BaseAlgorithm(FederatedAlgorithm):
     config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     #: Build models with channels-last conv weights (1.6x faster on CPU; see build_model).
     channels_last: ClassVar[bool] = True
+    #: Whether the method applies a ``dp`` block (its round calls ``self.privacy``'s hooks).
+    supports_dp: ClassVar[bool] = False
 
     def __init__(self, config: AlgorithmConfig | None = None, spec: DataSpec | None = None) -> None:
         if spec is None:
@@ -240,6 +252,15 @@ class BaseAlgorithm(FederatedAlgorithm):
         self.config = config
         self.spec = spec
         self._scratch: nn.Module | None = None
+        dp = config.dp_config()
+        if dp is not None and not self.supports_dp:
+            supported = sorted(n for n, cls in ALGORITHMS.items() if getattr(cls, "supports_dp", False))
+            raise ConfigurationError(
+                f"{self.name} does not support the dp block (client-level differential privacy is implemented for "
+                f"{', '.join(supported)}): remove `dp` from its parameters, and keep it out of algorithm_params.common, "
+                "which every method reads; put it in the block of a method that supports it."
+            )
+        self.privacy: ClientLevelDP | None = ClientLevelDP(dp) if dp is not None else None
         # Build once on the CPU now, so a bad model option fails before any training.
         build_model(config.model, spec, seed=0, **config.model_options)
 

@@ -17,6 +17,14 @@ states only what differs, through two hooks, in the style of FLamby's and pfl-re
 FedProx: ``local_objective`` (the term added to the local cross-entropy) and
 ``after_local_update`` (the client's bookkeeping and extra work once the upload is
 taken, e.g. MOON's previous model, Ditto's personal task).
+
+Client-level differential privacy (a ``dp`` block, ``core/privacy.py``) is one wrapper
+around that round, so FedAvg, FedProx, MOON and Ditto get it unchanged: after the local
+update the client uploads its clipped (and, under ``placement: client``, noised) update
+W_local - W_global over the floating entries instead of its state, and the server adds
+the uniform mean (``ClientLevelDP.combine``, noised once under ``placement: server``) to
+the global model, whose integer BatchNorm counters stay the server's. The hooks see the
+raw trained model, so MOON's previous model and Ditto's personal task are untouched.
 """
 
 from __future__ import annotations
@@ -27,8 +35,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..privacy import ClientLevelDP, nonnegative_variances
 from ..protocol import ClientData, ClientState, FederatedAlgorithm, Metrics, Payload, RoundContext, ServerState
-from ..training import ExtraLoss, TrainStats, autocast, payload_to_state, state_to_payload, weighted_average
+from ..training import (
+    ExtraLoss,
+    TrainStats,
+    apply_delta,
+    autocast,
+    model_delta,
+    payload_to_state,
+    state_to_payload,
+    weighted_average,
+)
 from ..vectorized import can_stack, train_stacked
 from .base import AlgorithmConfig, BaseAlgorithm, register
 
@@ -37,6 +55,9 @@ __all__ = ["FedAvg", "FedAvgConfig", "FedAvgExchange"]
 
 class FedAvgExchange(FederatedAlgorithm):
     """FedAvg's round for any model family; a subclass gives the models and the local update."""
+
+    #: Client-level DP of the round (``core/privacy.py``); None = plain FedAvg.
+    privacy: ClientLevelDP | None = None
 
     @abstractmethod
     def new_model(self, seed: int) -> nn.Module:
@@ -64,14 +85,36 @@ class FedAvgExchange(FederatedAlgorithm):
     ) -> tuple[Payload, ClientState, Metrics]:
         model = self.scratch_model()
         payload_to_state(model, payload)
-        return self.local_update(model, state, data, payload, ctx)
+        upload, state, metrics = self.local_update(model, state, data, payload, ctx)
+        if self.privacy is None:
+            return upload, state, metrics
+        update, dp_metrics = self.privacy.privatize(model_delta(upload, payload), ctx, data.client_id)
+        return update, state, {**metrics, **dp_metrics}
 
     def aggregate(
         self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
     ) -> tuple[Payload, ServerState]:
+        if self.privacy is not None:
+            return self.aggregate_private(server_state, uploads, ctx)
         mean = weighted_average(uploads)
         payload_to_state(server_state["model"], mean)
         return mean, server_state
+
+    def aggregate_private(
+        self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
+    ) -> tuple[Payload, ServerState]:
+        """The DP round's server side: the global model plus the uniform mean of the clipped
+        updates (noised by ``combine`` under the server placement), the round's budget kept
+        in ``server_state['privacy']``."""
+        assert self.privacy is not None
+        model = server_state["model"]
+        current = state_to_payload(model)
+        keys = [k for k, v in current.items() if v.is_floating_point()]
+        mean = self.privacy.combine([upload for upload, _ in uploads], ctx, keys)
+        new_state = nonnegative_variances(apply_delta(current, mean))
+        payload_to_state(model, new_state)
+        server_state["privacy"] = self.privacy.spent(ctx, server_state.get("privacy")).as_dict()
+        return new_state, server_state
 
     def global_model(self, server_state: ServerState) -> nn.Module | None:
         return server_state["model"]
@@ -88,6 +131,7 @@ class FedAvgConfig(AlgorithmConfig):
 @register("fedavg")
 class FedAvg(BaseAlgorithm, FedAvgExchange):
     config_class = FedAvgConfig
+    supports_dp = True
 
     def local_update(
         self, model: nn.Module, state: ClientState, data: ClientData, payload: Payload, ctx: RoundContext
@@ -124,6 +168,7 @@ class FedAvg(BaseAlgorithm, FedAvgExchange):
         batchable = (
             len(jobs) > 1
             and mu is not None
+            and self.privacy is None
             and type(self).local_update is FedAvg.local_update
             and type(self).client_update is FedAvgExchange.client_update
             and self.config.optimizer == "sgd"

@@ -60,6 +60,8 @@ class FedBNConfig(AlgorithmConfig):
 @register("fedbn")
 class FedBN(FedAvg):
     config_class = FedBNConfig
+    #: Its own aggregate (shared keys only, local norms) does not take the DP round yet.
+    supports_dp = False
 
     def _split_keys(self, model: nn.Module) -> tuple[list[str], list[str]]:
         local = set(norm_keys(model))

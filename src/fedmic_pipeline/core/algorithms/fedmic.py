@@ -42,6 +42,14 @@ Interpretations recorded here (also returned by ``describe()`` as ``interpretati
   one it has never seen receives C_t dense. Either way it then holds exactly the server's
   C_t (the same additions in the same order), and the bytes counted are the ones it got.
 * ``uncompressed``: with ``compress_uplink`` false the dense update travels (an ablation).
+* ``dp_order`` (with a ``dp`` block, ``core/privacy.py``): the client clips the *dense*
+  student update D to ``clip_norm`` (and, under ``placement: client``, adds its noise)
+  before error feedback and the SVD, so the SVD and its residual are post-processing of an
+  already private update and keep the guarantee. Noise is full-rank: the energy threshold
+  then keeps far more singular values and the upload grows towards (or to) the dense size.
+  Under ``placement: server`` the client uploads the SVD of its clipped update without
+  noise; the server decodes every upload, re-clips it (error feedback may carry it past
+  C), averages uniformly, and adds the noise once to the sum.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from ..codec import ErrorFeedback, decode_update, encode_update, energy_threshol
 from ..data import derive_seed, make_generator
 from ..distillation import DistillConfig, ProjectionMode, Projections, train_dual
 from ..models import MODEL_NAMES, build_model
+from ..privacy import nonnegative_variances
 from ..protocol import (
     ClientData,
     ClientState,
@@ -175,6 +184,7 @@ class FedMIC(BaseAlgorithm):
     """See the module docstring. FedKD subclasses this with one shared projection."""
 
     config_class = FedMICConfig
+    supports_dp = True
     projection_mode: ClassVar[ProjectionMode] = "bidirectional"
     interpretations: ClassVar[dict[str, str]] = {
         "shared_entries": "float state_dict entries (params + BN running stats); int counters stay",
@@ -187,6 +197,11 @@ class FedMIC(BaseAlgorithm):
         "aggregation": "decoded updates averaged weighted by n_k / sum n",
         "personalized_model": "teacher",
         "distill": "w=min(1/(CE_T+CE_S), max_adaptive_weight) detached; tau^2 KL batchmean; MSE mean",
+    }
+    #: Recorded in ``describe()`` only when a ``dp`` block is on.
+    dp_interpretations: ClassVar[dict[str, str]] = {
+        "dp_order": "clip (+ client noise) on the dense student update, then error feedback and SVD (post-processing)",
+        "dp_server": "server decodes, re-clips each update, uniform mean, noise once on the sum",
     }
 
     def __init__(self, config: FedMICConfig | None = None, spec: DataSpec | None = None) -> None:
@@ -219,6 +234,8 @@ class FedMIC(BaseAlgorithm):
         out = super().describe()
         out["projection_mode"] = self.projection_mode
         out.update({f"interpretation.{k}": v for k, v in self.interpretations.items()})
+        if self.privacy is not None:
+            out.update({f"interpretation.{k}": v for k, v in self.dp_interpretations.items()})
         return out
 
     def _global_payload(self, state: Mapping[str, torch.Tensor]) -> Payload:
@@ -330,6 +347,9 @@ class FedMIC(BaseAlgorithm):
         self.recalibrate(student, data)
         keys = self.shared_keys()
         delta = model_delta(state_to_payload(student, keys), global_state, keys)
+        if self.privacy is not None:
+            delta, dp_metrics = self.privacy.privatize(delta, ctx, data.client_id)
+            metrics.update(dp_metrics)
         ef: ErrorFeedback | None = state.get("error_feedback")
         corrected = ef.add(delta) if ef is not None else delta
         energy = self.energy(ctx)
@@ -368,8 +388,13 @@ class FedMIC(BaseAlgorithm):
             deltas = [(decode_update(p, self._shapes), n) for p, n in uploads]
         else:
             deltas = [({k: p[k] for k in keys}, n) for p, n in uploads]
-        mean = weighted_average(deltas)  # sample-weighted, accumulated in float64
-        new_state = apply_delta(state_to_payload(model, keys), mean)
+        if self.privacy is None:
+            mean = weighted_average(deltas)  # sample-weighted, accumulated in float64
+            new_state = apply_delta(state_to_payload(model, keys), mean)
+        else:
+            mean = self.privacy.combine([d for d, _ in deltas], ctx, keys)
+            new_state = nonnegative_variances(apply_delta(state_to_payload(model, keys), mean))
+            server_state["privacy"] = self.privacy.spent(ctx, server_state.get("privacy")).as_dict()
         payload_to_state(model, new_state)
         server_state["version"] = int(server_state["version"]) + 1
         if not self.cfg.downlink_compression:
