@@ -192,3 +192,23 @@ def test_naive_variant_uploads_what_the_algorithm_uploads(
             assert metrics["codec/bytes_encoded"] == record["bytes_up"][0]
             assert metrics["codec/layers_factored"] > 0 and metrics["codec/mean_rank"] == 1.0
             assert "codec/residual_norm" in metrics
+
+
+def test_fedmic_round_profile_accounts_for_the_whole_round(tiny_partition: Path, tmp_path: Path) -> None:
+    from fedmic_pipeline.benchmarks import fedmic_round
+    from fedmic_pipeline.core.algorithms import fedmic as fedmic_module
+
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    tiny_partition.rename(root / "data/05_model_input")
+    original = fedmic_module.encode_update
+    overrides = {"fedmic": {"teacher_width": 0.25, "model_options": {"widths": [8, 16, 32], "feature_dim": 32}}}
+    report = fedmic_round.profile_rounds(root, rounds=2, join_ratio=1.0, overrides=overrides)
+
+    assert fedmic_module.encode_update is original  # the timers are gone afterwards
+    shares = {name: c["share"] for name, c in report["components"].items()}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    assert all(v >= 0 for v in shares.values())
+    assert shares["teacher (forward, backward, step)"] > 0 and shares["SVD encode (uplink on clients, downlink on the server)"] > 0
+    assert report["clients_per_round"] == 2 and report["samples_per_s"] > 0
+    assert "| Component | s per round | share |" in fedmic_round.to_markdown(report)

@@ -58,6 +58,17 @@ def test_student_and_teacher_shapes_and_sizes() -> None:
     assert thin.features(torch.rand(2, 3, 28, 28)).shape == (2, 64) and thin(torch.rand(2, 3, 28, 28)).shape == (2, 8)
 
 
+def test_a_strided_teacher_stem_works_on_a_quarter_of_the_pixels() -> None:
+    x = torch.rand(2, 1, 28, 28)
+    published = build_model("resnet18", DataSpec(1, 2), seed=0, base_width=8)
+    strided = build_model("resnet18", DataSpec(1, 2), seed=0, base_width=8, stem_stride=2)
+    assert published.stem(x).shape[-2:] == (28, 28) and strided.stem(x).shape[-2:] == (14, 14)
+    assert strided.features(x).shape == published.features(x).shape == (2, 64)  # same parameters, same features
+    assert num_parameters(strided) == num_parameters(published)
+    with pytest.raises(ConfigurationError, match="stem_stride must be 1 .* or 2, got 4"):
+        build_model("resnet18", DataSpec(1, 2), seed=0, stem_stride=4)
+
+
 def test_seeded_init_is_deterministic_and_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)

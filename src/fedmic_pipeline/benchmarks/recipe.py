@@ -37,11 +37,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "constant_lr": {"lr_schedule": "constant"},
     "no_momentum": {"momentum": 0.0},
     "group_norm": {"model_options": {"norm": "group"}},
+    "teacher_stem_stride_2": {"teacher_options": {"stem_stride": 2}},
     "old_defaults": {
         "momentum": 0.0, "lr_schedule": "constant", "loss": "ce", "bn_recalibrate": False, "max_adaptive_weight": 100.0,
     },  # fmt: skip
 }
-_DISTILLATION_ONLY = ("max_adaptive_weight",)
+_DISTILLATION_ONLY = ("max_adaptive_weight", "teacher_options")
 HEADLINE = (
     ("global.balanced_accuracy", "global bal. acc"),
     ("global.macro_auc", "global AUC"),

@@ -135,13 +135,21 @@ class ResNet18(nn.Module):
     Built here rather than from torchvision so the core needs torch only (torchvision also
     costs ~5 s to import). ``base_width`` is exposed so CPU tests can use a thin teacher;
     the teacher's width is an interpretation knob, 64 being the published architecture.
+    ``stem_stride`` 2 halves the stem's output (28 -> 14 px): every stage then works on a
+    quarter of the pixels, so the teacher costs about a quarter (the FedMIC round profile,
+    ``benchmarks/fedmic_round.py``, measured the teacher at over half of a round); 1 is
+    the published stem.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, base_width: int = 64, norm: str = "batch") -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, base_width: int = 64, norm: str = "batch", stem_stride: int = 1
+    ) -> None:
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ConfigurationError(f"resnet18's stem_stride must be 1 (the published stem) or 2, got {stem_stride!r}.")
         w = base_width
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, stride=1, padding=1, bias=False), norm_layer(norm, w), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, w, 3, stride=stem_stride, padding=1, bias=False), norm_layer(norm, w), nn.ReLU(inplace=True)
         )
         stages: list[nn.Module] = []
         c_in = w

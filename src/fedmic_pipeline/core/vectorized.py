@@ -70,10 +70,6 @@ def can_stack(model: nn.Module) -> bool:
     return _layers(model) is not None
 
 
-def _format(t: torch.Tensor) -> torch.memory_format:
-    return torch.contiguous_format
-
-
 class StackedModels:
     """K models of one architecture held as stacked leaf tensors with a client axis first.
 
@@ -98,11 +94,9 @@ class StackedModels:
             slots: dict[str, int] = {}
             for name, _ in layer.named_parameters(recurse=False):
                 sources = [getattr(g, name) for g in group]
-                stacked = torch.cat([s.detach() for s in sources]) if not isinstance(layer, nn.Linear) else None
-                if stacked is None:
-                    stacked = torch.stack([s.detach() for s in sources])
+                combine = torch.stack if isinstance(layer, nn.Linear) else torch.cat
                 slots[name] = len(self.params)
-                self.params.append(stacked.clone().contiguous(memory_format=_format(stacked)).requires_grad_(True))
+                self.params.append(combine([s.detach() for s in sources]).contiguous().requires_grad_(True))
                 self.param_sources.append(sources)
             buffers, sources_by_name = {}, {}
             if isinstance(layer, nn.BatchNorm2d) and layer.track_running_stats:
@@ -180,7 +174,7 @@ class StackedModels:
     def join(self, per_client: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
         """The inverse of ``split``: stacked tensors shaped like ``params``."""
         return [
-            torch.stack([client[i] for client in per_client]).reshape(p.shape).contiguous(memory_format=_format(p))
+            torch.stack([client[i] for client in per_client]).reshape(p.shape)
             for i, p in enumerate(self.params)
         ]
 
