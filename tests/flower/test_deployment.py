@@ -38,6 +38,7 @@ from fedmic_pipeline.core.protocol import DataSpec, payload_nbytes
 from fedmic_pipeline.core.simulation import SimulationConfig, SimulationResult, run_simulation
 from fedmic_pipeline.datasets.npz_dataset import save_npz_deterministic
 from fedmic_pipeline.flower import task
+from fedmic_pipeline.flower.client_app import OUTGOING_LOG_KEY
 from fedmic_pipeline.flower.records import (
     PrivateStateMismatch,
     load_private_state,
@@ -236,6 +237,66 @@ def test_client_handlers_run_the_core_and_keep_state_on_the_node(algorithm: str,
     assert metrics["global-val-counts"] == [int(v) for v in global_counts.reshape(-1)]
 
 
+def test_outgoing_description_names_shapes_not_values() -> None:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedmic_pipeline.flower.client_app import describe_message
+
+    reply = _incoming(
+        "train",
+        {"upload": payload_to_record({"w::U": torch.zeros(4, 2), "b": torch.ones(3, dtype=torch.float16)}),
+         "metrics": MetricRecord({"loss": 0.5, "global-val-counts": [1, 2, 3, 4]}),
+         "config": ConfigRecord({"blob": b"secret"})},
+    )  # fmt: skip
+    described = describe_message(reply)
+    assert described["message_type"] == "train" and not described["error"]
+    assert described["records"]["upload"] == {
+        "kind": "array", "entries": {"w::U": {"dtype": "float32", "shape": [4, 2]}, "b": {"dtype": "float16", "shape": [3]}},
+    }  # fmt: skip
+    assert described["records"]["metrics"]["entries"]["global-val-counts"] == {"type": "list", "len": 4, "item_type": "int"}
+    assert described["records"]["config"]["entries"]["blob"] == {"type": "bytes", "len": 6}
+    assert "secret" not in json.dumps(described)
+
+
+def test_preloaded_partition_is_served_until_its_file_changes(tmp_path: Path) -> None:
+    data_dir = write_tiny_partition(tmp_path)
+    try:
+        preloaded = task.preload_client_data(data_dir, 0)
+        assert task.load_client_data(data_dir, 0) is preloaded
+        assert task.load_client_data(data_dir, 1) is not preloaded
+        path = task.client_partition_path(data_dir, 0)
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        reloaded = task.load_client_data(data_dir, 0)
+        assert reloaded is not preloaded and torch.equal(reloaded.train_x, preloaded.train_x)
+    finally:
+        task._PRELOADED.clear()
+
+
+def test_pull_backoff_shortens_flowers_object_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from fedmic_pipeline.flower.latency import PULL_BACKOFF_ENV, apply_pull_backoff_from_env
+
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in functions]
+    try:
+        monkeypatch.delenv(PULL_BACKOFF_ENV, raising=False)
+        assert apply_pull_backoff_from_env() is None
+        assert [f.__kwdefaults__["initial_backoff"] for f in functions] == [1, 1]  # Flower's own
+        monkeypatch.setenv(PULL_BACKOFF_ENV, "0.05")
+        assert apply_pull_backoff_from_env() == 0.05
+        for function in functions:
+            assert (function.__kwdefaults__["initial_backoff"], function.__kwdefaults__["backoff_cap"]) == (0.05, 1.0)
+            assert function.__kwdefaults__["max_tries_per_object"] == 500
+        monkeypatch.setenv(PULL_BACKOFF_ENV, "-1")
+        with pytest.raises(ValueError, match=PULL_BACKOFF_ENV):
+            apply_pull_backoff_from_env()
+    finally:
+        for function, defaults in zip(functions, saved, strict=True):
+            function.__kwdefaults__ = defaults
+
+
 def test_node_identity_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(task.FlowerConfigError, match="partition-id"):
         task.node_identity({"num-partitions": 2})
@@ -246,6 +307,11 @@ def test_node_identity_errors_are_clear(tmp_path: Path) -> None:
 
 
 # -- slow: a real deployment -----------------------------------------------------------------
+def _outgoing_log(work_dir: Path, index: int) -> Path:
+    """Where SuperNode ``index``'s ClientApp describes every message it sends."""
+    return work_dir / f"outgoing-node-{index}.jsonl"
+
+
 @pytest.fixture(scope="module")
 def partition_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_partition(tmp_path_factory.mktemp("flower_partition"))
@@ -255,12 +321,14 @@ def partition_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def federation(partition_dir: Path, tmp_path_factory: pytest.TempPathFactory, project_root: Path):
     from fedmic_pipeline.flower.launch import LoopbackFederation
 
+    work_dir = tmp_path_factory.mktemp("flower_work")
     fed = LoopbackFederation(
         2,
         partition_dir,
         project_dir=project_root,
-        work_dir=tmp_path_factory.mktemp("flower_work"),
+        work_dir=work_dir,
         env={"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ""},
+        node_configs=[{OUTGOING_LOG_KEY: str(_outgoing_log(work_dir, i))} for i in range(2)],
     )
     with fed:
         yield fed
@@ -394,6 +462,73 @@ def test_fedavg_over_flower_matches_in_process(matching_runs: dict[str, Any], fe
     assert {"--enable-supernode-auth", "--ssl-certfile"} <= set(federation.superlink.popen.args)
     approved = {"decision": "approved", "app_sha256": federation.app_sha256}
     assert result.site_decisions == {0: approved, 1: approved}
+
+
+def _check_only_model_information_leaves(
+    entry: dict[str, Any], model_shapes: dict[str, tuple[int, ...]], num_classes: int
+) -> None:
+    """One outgoing message: model parameters (dense, exact model shape) or their SVD
+    factors (U: rows x r, V: cols x r of the parameter), scalar metrics and k x k
+    confusion counts. Every array must have a model parameter's (or factor's) shape, which
+    is stricter than "no leading dimension equal to a split's size": an image batch
+    (N, C, H, W), a label vector (N,) or per-sample logits (N, k) cannot pass, while a
+    parameter whose leading dimension happens to equal a sample count still can."""
+    where = f"node {entry['partition_id']} {entry['message_type']} (round {entry['group_id']})"
+    assert not entry["error"], where
+    kinds = {name: record["kind"] for name, record in entry["records"].items()}
+    expected = {"query": {"config": "config"}, "train": {"upload": "array", "metrics": "metric"},
+                "evaluate": {"metrics": "metric"}}[entry["message_type"]]  # fmt: skip
+    assert kinds == expected, where
+    for record_name, record in entry["records"].items():
+        for key, described in record["entries"].items():
+            what = f"{where}: {record_name}[{key!r}]"
+            if record["kind"] == "array":
+                dtype, shape = described["dtype"], tuple(described["shape"])
+                assert dtype in ("float32", "float16", "int64"), f"{what} has dtype {dtype}"
+                assert dtype != "int64" or shape == (), f"{what} is an integer vector {shape} (labels?)"
+                base, _, factor = key.partition("::")
+                if base == "__meta__":
+                    assert shape == (), what
+                    continue
+                assert base in model_shapes, f"{what} is no parameter of the model"
+                full = model_shapes[base]
+                if not factor:
+                    assert shape == full, f"{what} has shape {shape}, the model's is {full}"
+                    continue
+                rows, cols = full[0], int(np.prod(full[1:]))
+                assert factor in ("U", "V") and len(shape) == 2, what
+                assert shape[0] == (rows if factor == "U" else cols) and shape[1] <= min(rows, cols), what
+            else:
+                kind = described["type"]
+                assert kind not in ("bytes", "str"), f"{what} is {kind}: private state or free text leaves the node"
+                if kind == "list":
+                    assert key == "global-val-counts" and described["len"] == num_classes**2, f"{what}: {described}"
+                else:
+                    assert kind in ("int", "float", "bool"), f"{what} is {kind}"
+
+
+@pytest.mark.slow
+def test_only_model_information_leaves_a_hospital(matching_runs: dict[str, Any], federation, partition_dir: Path) -> None:
+    """Every message each SuperNode sent in the FedMIC and FedAvg runs, as the ClientApp's
+    outgoing mod saw it on its way out: only model parameters/SVD factors, counts and
+    metrics; no image, no label array, no private state."""
+    spec = task.load_data_spec(partition_dir)
+    for name, params in (("fedmic", FEDMIC_PARAMS), ("fedavg", FEDAVG_PARAMS)):
+        result = matching_runs[name][0]
+        algorithm = build_algorithm(name, params, spec)
+        model = algorithm.global_model(algorithm.init_server(SEED)[0])
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for index in range(2):
+            lines = _outgoing_log(federation.work_dir, index).read_text(encoding="utf-8").splitlines()
+            sent = [e for e in map(json.loads, lines) if e["run_id"] == result.run_id]
+            by_type = {t: [e for e in sent if e["message_type"] == t] for t in ("query", "train", "evaluate")}
+            rounds_in = sum(index in r["participants"] for r in result.summary["history"])
+            assert (len(by_type["query"]), len(by_type["train"]), len(by_type["evaluate"])) == (1, rounds_in, 1), name
+            assert len(sent) == rounds_in + 2, f"{name}: node {index} sent other messages: {sent}"
+            for entry in sent:
+                _check_only_model_information_leaves(entry, shapes, spec.num_classes)
+            factored = [k for e in by_type["train"] for k in e["records"]["upload"]["entries"] if "::" in k]
+            assert (name == "fedmic") == any(k.endswith(("::U", "::V")) for k in factored), name
 
 
 def _run_and_kill(federation: Any, run_config: dict[str, Any], node: int, sig: int, timeout: float) -> Any:

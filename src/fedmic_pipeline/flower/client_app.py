@@ -22,9 +22,11 @@ Three message types, all answered from the node's OWN partition (node config
   holding just that model. A method that needs more of the server state (FedBN's
   ``shared_keys``) is reported as unavailable instead of failing the run.
 
-Private state: a SuperNode runs every message in a fresh ``flwr-clientapp`` process, so
+Private state: a SuperNode runs every message in a fresh process (a new
+``flwr-clientapp``, or a child forked from the warm SuperExec, ``warm_superexec``), so
 the state lives in ``context.state`` (see ``records.store_private_state``), never in
-module globals, and never leaves the node.
+module globals, and never leaves the node. What does leave it can be audited: the mod
+``outgoing_message_log`` describes every reply (node config ``outgoing-log``).
 """
 
 from __future__ import annotations
@@ -34,17 +36,74 @@ import logging
 import time
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import task
 from .records import has_private_state, load_private_state, payload_to_record, record_to_payload, store_private_state
 
-__all__ = ["ServerStateUnavailable", "app"]
+__all__ = ["OUTGOING_LOG_KEY", "ServerStateUnavailable", "app", "describe_message", "outgoing_message_log"]
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+#: Node-config key naming a JSON-lines file to which the node appends a description of
+#: every message it sends (``outgoing_message_log``); absent = nothing is written.
+OUTGOING_LOG_KEY = "outgoing-log"
+
+
+def _describe_value(value: Any) -> dict[str, Any]:
+    described: dict[str, Any] = {"type": type(value).__name__}
+    if isinstance(value, (list, bytes, str)):
+        described["len"] = len(value)
+    if isinstance(value, list) and value:
+        described["item_type"] = type(value[0]).__name__
+    return described
+
+
+def describe_message(message: Message) -> dict[str, Any]:
+    """What a message carries, without its values: each record's kind and, per entry,
+    array name/dtype/shape or metric/config key with its type and length."""
+    out: dict[str, Any] = {
+        "run_id": message.metadata.run_id,
+        "message_type": message.metadata.message_type,
+        "group_id": message.metadata.group_id,
+        "error": message.has_error(),
+        "records": {},
+    }
+    if message.has_error():
+        return out
+    for name, record in message.content.items():
+        if isinstance(record, ArrayRecord):
+            out["records"][name] = {
+                "kind": "array",
+                "entries": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in record.items()},
+            }
+        else:
+            kind = "metric" if isinstance(record, MetricRecord) else "config"
+            out["records"][name] = {"kind": kind, "entries": {k: _describe_value(v) for k, v in record.items()}}
+    return out
+
+
+def outgoing_message_log(message: Message, context: Context, call_next: Any) -> Message:
+    """Client-side mod: when the node config names ``outgoing-log``, append a description
+    of the reply this node is about to send (``describe_message``) to that file -- an
+    audit of what leaves the hospital, taken from the message Flower will push, after
+    every handler. A node without the key pays nothing."""
+    reply = call_next(message, context)
+    path = context.node_config.get(OUTGOING_LOG_KEY)
+    if path:
+        entry = {
+            "time": time.time(),
+            "node_id": context.node_id,
+            "partition_id": context.node_config.get(task.PARTITION_ID_KEY),
+            **describe_message(reply),
+        }
+        with open(str(path), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+    return reply
+
+
+app = ClientApp(mods=[outgoing_message_log])
 
 
 class ServerStateUnavailable(KeyError):

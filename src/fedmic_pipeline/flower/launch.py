@@ -23,8 +23,15 @@ What it does (``LoopbackFederation``):
   node refuses any other app version; each process runs in its own process group
   (their SuperExec and ClientApp/ServerApp children join it), with telemetry, update
   checks and runtime dependency installation (``uv sync``) disabled in the environment;
+* by default starts each ClientApp from a warm process: every SuperNode runs with
+  ``--isolation process`` beside a ``warm_superexec`` that has imported torch and the core
+  and loaded the node's partition once, and forks per message (Flower's default starts a
+  new ``flwr-clientapp`` interpreter per message; ``--cold-clientapps`` keeps that), and
+  the SuperNodes poll the SuperLink every 0.2 s instead of Flower's 3 s when idle
+  (``site_supernode --max-poll-wait-s``); see ``docs/results/flower_rounds.md``;
 * runs ``flwr run <app-dir> loopback --run-config ... --stream`` (blocks until the run
-  ends) and reads the ServerApp's ``flower_summary.json`` and each site's decision log;
+  ends) and reads the ServerApp's ``flower_summary.json`` and each site's decision log,
+  adding each site's decision and approved app hash to the summary (``sites``);
   ``<app-dir>`` holds only a pyproject.toml with the project's ``[tool.flwr]`` tables
   (see ``prepare_app_dir``);
 * tears everything down -- on success, on error and on Ctrl-C/SIGTERM -- by signalling
@@ -73,8 +80,8 @@ _QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "PYTHONUNBUFFERED": "1",
     # SuperExec polls for ServerApp/ClientApp tasks every 1 s by default; a loopback
-    # deployment can afford 4 polls a second (saves ~0.5 s per message hop)
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
+    # deployment can afford 10 polls a second (saves ~0.45 s per message hop)
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
 
@@ -187,7 +194,7 @@ class LoopbackFederation:
     Use as a context manager; ``stop()`` is idempotent and also runs on exceptions.
     ``node_configs`` optionally adds node-config entries per node (a mapping each).
 
-    Security (see ``docs/notes/flower_security.md``): TLS and SuperNode authentication
+    Security (see ``docs/flower_security.md``): TLS and SuperNode authentication
     unless ``insecure``; ``certs_dir`` names a set made by ``certificates`` (default: one
     made in ``<work_dir>/certs``). ``app_check`` starts the SuperNodes through
     ``site_supernode``; ``approve_app`` puts the hash of ``app_dir`` on every node's list
@@ -209,6 +216,8 @@ class LoopbackFederation:
         certs_dir: Path | str | None = None,
         app_check: bool = True,
         approve_app: bool = True,
+        warm_clientapps: bool = True,
+        max_poll_wait_s: float | None = 0.2,
     ) -> None:
         if num_nodes < 1:
             raise task.FlowerConfigError(f"num_nodes must be >= 1, got {num_nodes}.")
@@ -233,6 +242,19 @@ class LoopbackFederation:
         self.app_check = app_check and not simulation
         self.approve_app = approve_app
         self.sites_dir = self.work_dir / "sites"
+        #: Start ClientApps from a warm, forked process per node (``warm_superexec``;
+        #: SuperNodes run ``--isolation process``) instead of a new ``flwr-clientapp``
+        #: interpreter per message (Flower's default).
+        self.warm_clientapps = warm_clientapps and not simulation
+        #: Cap on the SuperNodes' poll waits (``site_supernode --max-poll-wait-s``; Flower
+        #: waits 3 s after an empty pull); only with the app check, None = Flower's.
+        self.max_poll_wait_s = max_poll_wait_s
+        if self.warm_clientapps:
+            from .latency import PULL_BACKOFF_ENV
+
+            # Flower retries a not-yet-pushed object after 1 s, 2 s, ...; on loopback 50 ms
+            self.env.setdefault(PULL_BACKOFF_ENV, "0.05")
+        self.node_executors: dict[int, _Proc] = {}
         self.app_sha256: str | None = None
         self.port = 0
         self.superlink: _Proc | None = None
@@ -370,10 +392,11 @@ class LoopbackFederation:
 
     def supernode_argv(
         self, index: int, *, private_key: Path | None = None, root_certificates: Path | None = None,
-        extra_args: list[str] | None = None,
+        extra_args: list[str] | None = None, runtime_port: int | None = None,
     ) -> list[str]:  # fmt: skip
         """The command of SuperNode ``index``; ``private_key`` / ``root_certificates``
-        replace the node's own key and the federation's CA (to test refusals)."""
+        replace the node's own key and the federation's CA (to test refusals);
+        ``runtime_port`` is the port of its local Runtime API (free port if None)."""
         node_config = {
             "partition-id": index,
             "num-partitions": self.num_nodes,
@@ -384,6 +407,8 @@ class LoopbackFederation:
             approved, decisions = self.site_paths(index)
             command = [sys.executable, "-m", "fedmic_pipeline.flower.site_supernode", "--approved-apps", str(approved),
                        "--decision-log", str(decisions)]  # fmt: skip
+            if self.max_poll_wait_s is not None:
+                command += ["--max-poll-wait-s", str(self.max_poll_wait_s)]
         else:
             command = [self._exe("flower-supernode")]
         if self.credentials is None:
@@ -394,7 +419,19 @@ class LoopbackFederation:
                         "--auth-supernode-private-key", str(key)]  # fmt: skip
         return [
             *command, *security, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port",
-            str(free_port()), "--node-config", format_run_config(node_config), *(extra_args or []),
+            str(runtime_port or free_port()), "--node-config", format_run_config(node_config),
+            *(["--isolation", "process"] if self.warm_clientapps else []), *(extra_args or []),
+        ]  # fmt: skip
+
+    def warm_superexec_argv(self, index: int, runtime_port: int, supernode_pid: int) -> list[str]:
+        """The warm SuperExec beside SuperNode ``index`` (``warm_superexec``): it serves
+        the node's local Runtime API (plain HTTP on 127.0.0.1, as Flower's own SuperExec
+        does), keeps partition ``index`` in memory and exits with the SuperNode."""
+        threads = (self.node_configs[index] if index < len(self.node_configs) else {}).get("num-threads", 1)
+        return [
+            sys.executable, "-m", "fedmic_pipeline.flower.warm_superexec", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(supernode_pid), "--num-threads", str(threads),
+            "--data-dir", str(self.data_dir), "--partition-id", str(index),
         ]  # fmt: skip
 
     def start_node(self, index: int) -> None:
@@ -410,7 +447,14 @@ class LoopbackFederation:
             restarts = next(self._restart_numbers)
             private_key, public_key = create_node_key(self.work_dir / "certs" / "restarts", f"supernode-{index}-{restarts}")
             self.register_node_keys([public_key])
-        self.nodes[index] = self._spawn(f"supernode-{index}", self.supernode_argv(index, private_key=private_key))
+        runtime_port = free_port()
+        self.nodes[index] = self._spawn(
+            f"supernode-{index}", self.supernode_argv(index, private_key=private_key, runtime_port=runtime_port)
+        )
+        if self.warm_clientapps:
+            self.node_executors[index] = self._spawn(
+                f"warm-superexec-{index}", self.warm_superexec_argv(index, runtime_port, self.nodes[index].popen.pid)
+            )
 
     def spawn(self, name: str, argv: list[str]) -> "_Proc":
         """Start another process of this deployment (logs, environment and teardown as
@@ -418,12 +462,18 @@ class LoopbackFederation:
         return self._spawn(name, argv)
 
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
-        """Kill SuperNode ``index`` and its whole process group (SuperExec, ClientApp)."""
+        """Kill SuperNode ``index`` and its whole process group (SuperExec, ClientApp),
+        and its warm SuperExec's (with SIGKILL: the whole node is gone)."""
         proc = self.nodes[index]
         self._remember_descendants(proc)
         logger.info("killing supernode-%d (pid %d) with signal %d", index, proc.popen.pid, sig)
         _killpg(proc.popen.pid, sig)
         proc.popen.wait(timeout=10)
+        executor = self.node_executors.get(index)
+        if executor is not None and sig == signal.SIGKILL:
+            self._remember_descendants(executor)
+            _killpg(executor.popen.pid, sig)
+            executor.popen.wait(timeout=10)
 
     def _wait(self, ready: Any, proc: _Proc, what: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -484,9 +534,14 @@ class LoopbackFederation:
         match = re.search(r"Successfully started run (\d+)", output)
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         run_id = int(match.group(1)) if match else None
+        decisions = self.site_decisions(run_id) if run_id is not None and self.app_check else {}
+        if summary is not None and decisions:
+            summary["sites"] = _sites_for_summary(summary, decisions)
+            tmp = summary_path.with_name(f".{summary_path.name}.sites")
+            tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            os.replace(tmp, summary_path)
         result = FlowerRunResult(
-            returncode, run_id, wall, output, summary, output_dir, app_sha256=app_sha256,
-            site_decisions=self.site_decisions(run_id) if run_id is not None and self.app_check else {},
+            returncode, run_id, wall, output, summary, output_dir, app_sha256=app_sha256, site_decisions=decisions,
         )  # fmt: skip
         logger.info("flwr run #%d: exit %d, status %s, %.1fs", run_no, returncode, result.status, wall)
         return result
@@ -576,6 +631,7 @@ class LoopbackFederation:
                 logger.error("%s (pid %d) survived SIGKILL", proc.name, proc.popen.pid)
         self._all.clear()
         self.nodes.clear()
+        self.node_executors.clear()
         self.superlink = None
         if self._own_work_dir:
             logger.info("logs kept in %s", self.logs_dir)
@@ -590,6 +646,17 @@ class LoopbackFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _sites_for_summary(summary: Mapping[str, Any], decisions: Mapping[int, Mapping[str, str]]) -> dict[str, Any]:
+    """Each site's app decision beside its partition's node id, for the summary's audit
+    trail: ``{"0": {"node_id": ..., "decision": "approved", "app_sha256": ...}}``. The
+    sites' own decision logs are the source; the ServerApp cannot see them."""
+    partitions = summary.get("partitions") or {}
+    return {
+        str(index): {"node_id": (partitions.get(str(index)) or {}).get("node_id"), **dict(decision)}
+        for index, decision in sorted(decisions.items())
+    }
 
 
 def _alive(proc: Any) -> bool:
@@ -654,6 +721,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-app-check", action="store_true", help="plain flower-supernode, without the sites' approved-apps check"
     )
     parser.add_argument(
+        "--cold-clientapps", action="store_true",
+        help="Flower's default: a new flwr-clientapp interpreter per message (default: forked from a warm SuperExec)",
+    )  # fmt: skip
+    parser.add_argument(
         "--write-app", metavar="DIR", help="only write the app directory `flwr run` is given and print its FAB hash "
         "(what each site approves), then exit",
     )  # fmt: skip
@@ -690,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     federation = LoopbackFederation(
         nodes, data_dir, project_dir=root, work_dir=args.work_dir, simulation=args.simulation, insecure=args.insecure,
         certs_dir=args.certs_dir, app_check=not args.no_app_check, approve_app=not args.no_approve,
+        warm_clientapps=not args.cold_clientapps, max_poll_wait_s=None if args.cold_clientapps else 0.2,
     )  # fmt: skip
     try:
         with federation:

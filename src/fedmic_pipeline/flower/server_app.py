@@ -236,6 +236,15 @@ class FlowerClients:
         )
 
 
+def _submitted_app_sha256(grid: Any) -> str | None:
+    """The FAB hash of this run as the SuperLink recorded it (what every site had to
+    approve); None where the grid has no run (e.g. a test double)."""
+    try:
+        return str(grid.run.fab_hash) or None
+    except Exception:  # noqa: BLE001 - informative only: never fail a run over it
+        return None
+
+
 class FlowerServer:
     """One Flower run over ``grid``: connect the nodes, run the engine, save the results."""
 
@@ -247,6 +256,7 @@ class FlowerServer:
 
         self.cfg = cfg
         self.flower_run_id = flower_run_id
+        self.app_sha256 = _submitted_app_sha256(grid)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device)
@@ -295,6 +305,7 @@ class FlowerServer:
             "error": self.error,
             "runner": "flower",
             "flower_run_id": self.flower_run_id,
+            "app_sha256": self.app_sha256,
             "mlflow_run_id": self.mlflow.run_id,
             "algorithm": self.cfg.algorithm,
             "algorithm_params": self.cfg.algorithm_params,
@@ -395,6 +406,9 @@ class FlowerServer:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: parse the run config and run every round."""
+    from .latency import apply_pull_backoff_from_env
+
     task.configure_logging()
+    apply_pull_backoff_from_env()
     cfg = task.ServerRunConfig.from_run_config(context.run_config)
     FlowerServer(grid, cfg, flower_run_id=context.run_id).run()

@@ -60,6 +60,7 @@ __all__ = [
     "AppApprovalError",
     "UnapprovedApp",
     "fab_sha256",
+    "cap_supernode_waits",
     "install_app_approval",
     "main",
     "read_approved_apps",
@@ -196,6 +197,29 @@ def install_app_approval(allow_list: Path | str, decision_log: Path | str | None
     supernode._pull_and_store_message = pull_and_store_approved_message
 
 
+def cap_supernode_waits(seconds: float) -> None:
+    """Make this process's SuperNode wait at most ``seconds`` between its polls.
+
+    Flower 1.41's SuperNode loop sleeps a fixed 3 s after every empty pull from the
+    SuperLink and 0.5 s between checks for its ClientApp's reply
+    (``start_client_internal``: ``time.sleep(3)``, ``time.sleep(0.5)``); each round pays
+    the first twice on average (train, evaluate), up to 6 s a round for nothing on
+    loopback. Capping those sleeps trades a few more small pulls per second for latency;
+    real sites over a WAN may prefer Flower's default (do not pass ``--max-poll-wait-s``).
+    """
+    import types
+
+    from flwr.supernode import start_client_internal as supernode
+
+    if seconds <= 0:
+        raise AppApprovalError(f"--max-poll-wait-s must be > 0, got {seconds}.")
+    real_time = supernode.time
+    capped = types.ModuleType("time", "time, with sleep() capped for the SuperNode's poll loop")
+    capped.__dict__.update({k: v for k, v in vars(real_time).items() if not k.startswith("__")})
+    capped.sleep = lambda delay: real_time.sleep(min(float(delay), seconds))  # type: ignore[attr-defined]
+    supernode.time = capped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedmic_pipeline.flower.site_supernode",
@@ -205,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--approved-apps", help="the site's file of approved FAB hashes (one per line)")
     parser.add_argument("--decision-log", help="append every approve/refuse decision to this JSON-lines file")
     parser.add_argument("--hash-app", metavar="APP_DIR", help="print the FAB hash of an app directory and exit")
+    parser.add_argument(
+        "--max-poll-wait-s", type=float, default=None,
+        help="wait at most this long between the SuperNode's polls (Flower: 3 s when idle); for loopback/LAN",
+    )  # fmt: skip
     args, flower_args = parser.parse_known_args(argv)
     if not args.hash_app and not args.approved_apps:
         parser.error("--approved-apps FILE is required (the site's list of approved FAB hashes)")
@@ -213,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             print(fab_sha256(args.hash_app))
             return 0
         install_app_approval(args.approved_apps, args.decision_log)
+        if args.max_poll_wait_s is not None:
+            cap_supernode_waits(args.max_poll_wait_s)
+        from .latency import apply_pull_backoff_from_env
+
+        apply_pull_backoff_from_env()
     except AppApprovalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -54,6 +54,7 @@ __all__ = [
     "load_data_spec",
     "node_identity",
     "partition_sizes",
+    "preload_client_data",
     "project_root",
     "resolve_path",
     "spec_from_config",
@@ -333,12 +334,36 @@ def partition_sizes(data_dir: Path, partition_id: int) -> dict[str, int]:
         return {f"num-{s}": int(arrays[f"{s}_labels"].shape[0]) for s in ("train", "val", "test")}
 
 
+#: Partitions loaded before the ClientApp processes are forked (``warm_superexec``), by
+#: (path, size, mtime_ns, partition id): a changed file is read again, never served stale.
+_PRELOADED: dict[tuple[str, int, int, int], "ClientData"] = {}
+
+
+def _partition_key(data_dir: Path, partition_id: int) -> tuple[str, int, int, int]:
+    path = client_partition_path(data_dir, partition_id)
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, int(partition_id)
+
+
+def preload_client_data(data_dir: Path, partition_id: int) -> "ClientData":
+    """Load a node's partition (on the CPU) into this process, for the ClientApp processes
+    forked from it to share: each message then skips reading and decoding the npz."""
+    data = load_client_data(data_dir, partition_id)
+    _PRELOADED[_partition_key(data_dir, partition_id)] = data
+    return data
+
+
 def load_client_data(data_dir: Path, partition_id: int, device: "torch.device | str" = "cpu") -> "ClientData":
     """This node's ClientData (client id = partition id), via the same ``to_client_data``
-    as the in-process runner, so both see identical tensors."""
+    as the in-process runner, so both see identical tensors; the preloaded copy when this
+    process was forked from a warm SuperExec and the file is unchanged."""
     from ..core.data import to_client_data
     from ..datasets.npz_dataset import load_npz
 
+    if _PRELOADED and str(device) == "cpu":
+        cached = _PRELOADED.get(_partition_key(data_dir, partition_id))
+        if cached is not None:
+            return cached
     return to_client_data(load_npz(client_partition_path(data_dir, partition_id)), client_id=partition_id, device=device)
 
 
