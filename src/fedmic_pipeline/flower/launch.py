@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..telemetry import TELEMETRY_OFF
 from . import task
 from .certificates import CertificateError, FederationCredentials, create_credentials, create_node_key
 from .site_supernode import AppApprovalError, fab_sha256, write_approved_apps
@@ -71,13 +72,9 @@ logger = logging.getLogger(__name__)
 
 CONNECTION = "loopback"
 _QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
+    **TELEMETRY_OFF,
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "KEDRO_DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "1",
     "PYTHONUNBUFFERED": "1",
     # SuperExec polls for ServerApp/ClientApp tasks every 1 s by default; a loopback
     # deployment can afford 10 polls a second (saves ~0.45 s per message hop)
