@@ -26,11 +26,11 @@ import torch
 
 from fedmic_pipeline.core.algorithms import build_algorithm
 from fedmic_pipeline.core.data import resolve_device
-from fedmic_pipeline.core.engine import SimulationConfig
 from fedmic_pipeline.core.protocol import ClientData, DataSpec
-from fedmic_pipeline.core.simulation import run_simulation
 
 from .cli import configure_logging, publish, run_arguments
+from .settings import BenchmarkSettings
+from .variants import round_timings, simulate
 
 __all__ = ["main", "measure", "synthetic_clients"]
 
@@ -53,21 +53,17 @@ def synthetic_clients(count: int, samples_per_client: int, device: torch.device,
 def measure(clients: list[ClientData], mode: str, amp: str, device: torch.device, rounds: int) -> dict[str, Any]:
     """One federation of ``rounds`` + 1 rounds; the figures of all but the first."""
     spec = DataSpec(in_channels=1, num_classes=2)
-    algorithm = build_algorithm("fedavg", RECIPE, spec)
-    config = SimulationConfig(
-        num_rounds=rounds + 1, join_ratio=1.0, seed=0, device=str(device), amp=amp, eval_every=rounds + 1,
-        evaluate_global=False, evaluate_personalized=False, vectorize_clients=mode,
-    )  # fmt: skip
+    settings = BenchmarkSettings(join_ratio=1.0, seed=0, amp=amp)
     started = time.perf_counter()
-    history = run_simulation(algorithm, clients, spec, config).history[1:]
-    samples = sum(sum(m["num_samples"] for m in r["client_metrics"]) for r in history)
-    seconds = sum(r["train_time_s"] for r in history)
+    history = simulate(build_algorithm("fedavg", RECIPE, spec), clients, spec, settings, device, rounds + 1, mode)[1:]
+    timings = round_timings(history)
+    seconds = sum(t for _, t in timings)
     return {
         "clients": len(clients),
         "mode": mode,
         "amp": amp,
-        "client_samples_per_s": samples / seconds,
-        "round_time_s": seconds / len(history),
+        "client_samples_per_s": sum(n for n, _ in timings) / seconds,
+        "round_time_s": seconds / len(timings),
         "wall_s": time.perf_counter() - started,
     }
 

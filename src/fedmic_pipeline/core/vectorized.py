@@ -12,14 +12,13 @@ What stays exact (a test compares it with the sequential loop, client by client)
   (``batch_indices``, trailing batch of one dropped);
 * BatchNorm normalises every client's channels over that client's batch only: the stacked
   channels are disjoint per client, so a plain batch norm over (batch, K*C) channels is
-  already per client. Clients whose batch is shorter this step (a trailing batch, or a
-  client with fewer steps that has finished) are padded and masked: a masked batch norm
-  then takes each client's statistics over its real samples only, and the running
-  statistics of a finished client do not move;
+  already per client. A client whose batch is shorter this step (a trailing batch) is
+  padded and masked: a masked batch norm then takes its statistics over its real samples;
 * the loss is the sum over clients of each client's mean cross-entropy (with its own
   logit offset) plus its proximal term, so each client's gradient is its own;
-* SGD with momentum and weight decay (PyTorch's update rule) steps only the clients that
-  had a batch, so a finished client's weights and momentum stay where they were.
+* a client whose batches run out leaves the stack (its slice is written back) and the
+  others are restacked, so SGD with momentum and weight decay (PyTorch's update rule)
+  steps exactly the clients that had a batch.
 
 Results equal the sequential loop to floating-point tolerance, not bit for bit: a grouped
 convolution sums in another order. Where bit-identical results are wanted, the simulation
@@ -263,7 +262,7 @@ def train_stacked(
         _ClientRun(batches, start, offset)
         for batches, start, offset in zip(_schedule(datas, epochs, batch_size, generators), starts, logit_offsets, strict=True)
     ]
-    optimizer = _MaskedSGD(lr, momentum, weight_decay)
+    optimizer = _StackedSGD(lr, momentum, weight_decay)
     remaining = list(range(len(models)))
     while remaining:
         group = [runs[i] for i in remaining]
@@ -273,9 +272,10 @@ def train_stacked(
                 run.anchor = run.anchor if run.anchor is not None else [a.clone() for a in anchor]
         anchors = stacked.join([run.anchor for run in group]) if proximal_mu > 0 else None  # type: ignore[misc]
         buffers = stacked.join([run.momentum for run in group]) if group[0].momentum is not None else None
+        offsets = _stack_offsets([run.logit_offset for run in group], pool_x.device)
         phase_steps = min(len(run.batches) - run.done for run in group)
         for _ in range(phase_steps):
-            buffers = _stacked_step(stacked, group, pool_x, pool_y, anchors, proximal_mu, optimizer, buffers, autocast)
+            buffers = _stacked_step(stacked, group, pool_x, pool_y, offsets, anchors, proximal_mu, optimizer, buffers, autocast)
         stacked.write_back()
         if buffers is not None:
             for run, buffer in zip(group, stacked.split(buffers), strict=True):
@@ -289,9 +289,10 @@ def _stacked_step(
     group: list[_ClientRun],
     pool_x: torch.Tensor,
     pool_y: torch.Tensor,
+    offsets: torch.Tensor | None,
     anchors: list[torch.Tensor] | None,
     proximal_mu: float,
-    optimizer: "_MaskedSGD",
+    optimizer: "_StackedSGD",
     buffers: list[torch.Tensor] | None,
     autocast: Callable[[], AbstractContextManager] | None,
 ) -> list[torch.Tensor] | None:
@@ -310,7 +311,6 @@ def _stacked_step(
     xb = pool_x.index_select(0, index.reshape(-1))
     xb = xb.reshape(width, k * pool_x.shape[1], *pool_x.shape[2:])
     yb = pool_y.index_select(0, index.t().reshape(-1)).reshape(k, width)
-    offsets = _stack_offsets([run.logit_offset for run in group], device)
     with autocast() if autocast is not None else contextlib.nullcontext():
         logits = stacked.forward(xb, None if full else valid)
         adjusted = logits.float() if offsets is None else logits.float() + offsets
@@ -353,7 +353,7 @@ def _stack_offsets(offsets: Sequence[torch.Tensor | None], device: torch.device)
     return torch.stack([o if o is not None else torch.zeros_like(template) for o in offsets]).to(device).unsqueeze(1)
 
 
-class _MaskedSGD:
+class _StackedSGD:
     """PyTorch's SGD update (dampening 0, no Nesterov) on stacked parameters.
 
     Every client of a phase has a batch at every step of it, so a plain step over the stack
