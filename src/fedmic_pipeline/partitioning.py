@@ -20,10 +20,12 @@ import pandas as pd
 
 from fedmic_pipeline.core.devices import (
     ASSIGN_STREAM,
+    AUTO,
     CLIENT_RENDER_STREAM,
     TEST_RENDER_STREAM,
     DevicesConfig,
     render_device,
+    resolve_auto,
 )
 from fedmic_pipeline.core.partition import (
     DIRICHLET_STREAM,
@@ -95,6 +97,19 @@ def _check_dataset(dataset: Mapping[str, np.ndarray], info: Mapping[str, Any]) -
     return n_classes
 
 
+def _devices_config(devices: Mapping[str, Any], info: Mapping[str, Any]) -> DevicesConfig:
+    """The validated devices; with `profiles: auto` the preset must be the dataset's that was read."""
+    config = DevicesConfig.from_params(devices)
+    flag = info.get("flag")
+    named = str(devices.get("dataset", "")).strip().lower()
+    if devices.get("profiles") == AUTO and flag is not None and named != str(flag).strip().lower():
+        raise PartitionInputError(
+            f"devices.profiles: auto took the device preset of devices.dataset={devices.get('dataset')!r}, but the "
+            f"validated dataset is {flag!r}: set `dataset: ${{dataset.name}}` under `devices:` so the two agree."
+        )
+    return config
+
+
 def _pool(dataset: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     images = np.concatenate([dataset["train_images"], dataset["val_images"]])
     labels = np.concatenate([_labels(dataset, "train"), _labels(dataset, "val")])
@@ -107,7 +122,7 @@ def draw_plan(
     """The Dirichlet partition, the local splits and each hospital's device: indices only."""
     _check_dataset(dataset, info)
     config = PartitionConfig.from_params(partition)
-    device_config = DevicesConfig.from_params(devices)
+    device_config = _devices_config(devices, info)
     _, pool_labels = _pool(dataset)
     plan = plan_partition(pool_labels, config, device_config.assign(config.num_clients))
     logger.info(
@@ -148,7 +163,7 @@ def materialise(
     """Client arrays (rendered by each hospital's device), the global test set and the manifest."""
     n_classes = _check_dataset(dataset, info)
     config = PartitionConfig.from_params(partition)
-    device_config = DevicesConfig.from_params(devices)
+    device_config = _devices_config(devices, info)
     pool_images, pool_labels = _pool(dataset)
     if not np.array_equal(plan.pool_labels, pool_labels) or plan.num_clients != config.num_clients:
         raise RuntimeError("partition_plan was drawn from other data or parameters than this run's; re-run the whole pipeline.")
@@ -240,7 +255,8 @@ def _manifest(
             "official_val_size": n_val,
             "global_test_size": int(global_test["labels"].shape[0]),
         },
-        "parameters": {"partition": _plain(partition), "devices": _plain(devices)},
+        # `profiles: auto` is recorded as the preset it resolved to (explicit profiles as given)
+        "parameters": {"partition": _plain(partition), "devices": _plain(resolve_auto(devices))},
         "seeds": {
             "partition_seed": config.seed,
             "device_seed": device_config.seed,
