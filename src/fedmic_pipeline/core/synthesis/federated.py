@@ -53,6 +53,7 @@ from ..protocol import ServerState, reject_unknown_keys
 from ..simulation import SimulationConfig, run_simulation
 from ..training import make_optimizer, payload_to_state, state_to_payload, weighted_average
 from .generator import RECON_LOSSES, ConditionalVAE, build_generator, vae_loss
+from .sampler import fit_sampler
 
 #: Upload entries with the client's per-class and per-device sample counts (row weights).
 CLASS_COUNTS = "__counts__.class"
@@ -87,6 +88,8 @@ class GeneratorTrainingConfig:
     recon_loss: str = "mse"
     obs_sigma: float = 0.06
     row_weighted_embeddings: bool = True
+    fit_latent: bool = False
+    device_noise: bool = False
     model_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,8 +109,9 @@ class GeneratorTrainingConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigurationError(f"synthetic.generator: {message}")
-        if not isinstance(self.row_weighted_embeddings, bool):
-            raise ConfigurationError("synthetic.generator: row_weighted_embeddings must be true or false.")
+        for flag in ("row_weighted_embeddings", "fit_latent", "device_noise"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(f"synthetic.generator: {flag} must be true or false.")
         for name in ("lr", "join_ratio", "beta", "obs_sigma", "weight_decay"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -283,6 +287,7 @@ def train_generator_federated(
     totals = result.totals()
     model = result.global_model()
     assert isinstance(model, ConditionalVAE)
+    sampler = fit_sampler(model, clients, config.fit_latent, config.device_noise) if config.fit_latent or config.device_noise else None
     summary = {
         "trained": True,
         "rounds": config.rounds,
@@ -295,6 +300,7 @@ def train_generator_federated(
         "final_recon": history[-1]["recon"],
         "final_kl": history[-1]["kl"],
         "wall_time_s": result.wall_time_s,
+        "sampler": sampler,
         "data_used": "each client's local train split only (never val/test)",
     }
     return GeneratorTrainingResult(model.cpu().eval(), history, summary)

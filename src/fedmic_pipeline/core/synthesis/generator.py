@@ -65,6 +65,7 @@ __all__ = [
     "build_generator",
     "generator_from_record",
     "generator_record",
+    "DECODERS",
     "images_to_uint8",
     "state_sha256",
     "vae_loss",
@@ -72,6 +73,8 @@ __all__ = [
 
 GENERATOR_ARCHITECTURE = "conditional_vae"
 RECON_LOSSES: tuple[str, ...] = ("bce", "mse")
+DECODERS: tuple[str, ...] = ("transpose", "upsample")
+_NOISE_CHUNK = 512
 _FILM_INIT_STD = 0.1
 
 
@@ -102,8 +105,11 @@ class ConditionalVAE(nn.Module):
         latent_dim: int = 16,
         widths: tuple[int, int] = (32, 64),
         embed_dim: int = 8,
+        decoder: str = "transpose",
     ) -> None:
         super().__init__()
+        if decoder not in DECODERS:
+            raise ConfigurationError(f"generator decoder must be one of {', '.join(DECODERS)}, got {decoder!r}.")
         if image_size % 4 != 0:
             raise ConfigurationError(f"The generator needs an image size divisible by 4, got {image_size}.")
         if num_devices < 1 or num_classes < 2 or latent_dim < 1 or embed_dim < 1:
@@ -127,12 +133,30 @@ class ConditionalVAE(nn.Module):
 
         self.dec_in = nn.Linear(latent_dim + cond_dim, w2 * self._grid * self._grid)
         self.dec_film0 = FiLM(cond_dim, w2)
-        self.dec_up1 = nn.ConvTranspose2d(w2, w1, 4, stride=2, padding=1)
-        self.dec_film1 = FiLM(cond_dim, w1)
-        self.dec_conv = nn.Conv2d(w1, w1, 3, padding=1)
-        self.dec_film2 = FiLM(cond_dim, w1)
-        self.dec_up2 = nn.ConvTranspose2d(w1, in_channels, 4, stride=2, padding=1)
+        self.decoder = decoder
+        if decoder == "transpose":
+            self.dec_up1 = nn.ConvTranspose2d(w2, w1, 4, stride=2, padding=1)
+            self.dec_film1 = FiLM(cond_dim, w1)
+            self.dec_conv = nn.Conv2d(w1, w1, 3, padding=1)
+            self.dec_film2 = FiLM(cond_dim, w1)
+            self.dec_up2 = nn.ConvTranspose2d(w1, in_channels, 4, stride=2, padding=1)
+        else:
+            # nearest-neighbour doubling then a 3x3 convolution: every output pixel sees
+            # the same number of kernel taps, so no checkerboard (Odena et al. 2016)
+            self.dec_up1 = nn.Conv2d(w2, w1, 3, padding=1)
+            self.dec_film1 = FiLM(cond_dim, w1)
+            self.dec_conv = nn.Conv2d(w1, w1, 3, padding=1)
+            self.dec_film2 = FiLM(cond_dim, w1)
+            self.dec_up2 = nn.Conv2d(w1, w1, 3, padding=1)
+            self.dec_film3 = FiLM(cond_dim, w1)
+            self.dec_out = nn.Conv2d(w1, in_channels, 3, padding=1)
         self.dec_film_out = FiLM(cond_dim, in_channels)
+        # The sampler (module docstring, "Sampling"): zeros until fit_sampler() fills them
+        # after training; they travel in the state dict, so the sha256 covers them.
+        self.register_buffer("latent_mean", torch.zeros(num_classes, num_devices, latent_dim))
+        self.register_buffer("latent_scale", torch.zeros(num_classes, num_devices, latent_dim, latent_dim))
+        self.register_buffer("latent_fitted", torch.zeros(num_classes, num_devices))
+        self.register_buffer("noise_std", torch.zeros(num_devices, in_channels))
 
     # -- conditioning -------------------------------------------------------------------
     def condition(self, classes: torch.Tensor, devices: torch.Tensor) -> torch.Tensor:
@@ -153,9 +177,14 @@ class ConditionalVAE(nn.Module):
         """Pre-sigmoid decoder output (N, C, H, W)."""
         h = self.dec_in(torch.cat([z, cond], dim=1)).view(z.shape[0], -1, self._grid, self._grid)
         h = F.silu(self.dec_film0(h, cond))
-        h = F.silu(self.dec_film1(self.dec_up1(h), cond))
+        if self.decoder == "transpose":
+            h = F.silu(self.dec_film1(self.dec_up1(h), cond))
+            h = F.silu(self.dec_film2(self.dec_conv(h), cond))
+            return self.dec_film_out(self.dec_up2(h), cond)
+        h = F.silu(self.dec_film1(self.dec_up1(F.interpolate(h, scale_factor=2.0, mode="nearest")), cond))
         h = F.silu(self.dec_film2(self.dec_conv(h), cond))
-        return self.dec_film_out(self.dec_up2(h), cond)
+        h = F.silu(self.dec_film3(self.dec_up2(F.interpolate(h, scale_factor=2.0, mode="nearest")), cond))
+        return self.dec_film_out(self.dec_out(h), cond)
 
     def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (the decoder's mean), (N, C, H, W)."""
@@ -196,6 +225,12 @@ class ConditionalVAE(nn.Module):
         if devices_t.numel() and (int(devices_t.min()) < 0 or int(devices_t.max()) >= self.num_devices):
             raise ValueError(f"sample: devices must be in [0, {self.num_devices - 1}].")
         z = torch.randn((classes_t.numel(), self.latent_dim), generator=generator, dtype=torch.float32) * float(temperature)
+        if classes_t.numel() and bool(self.latent_fitted.any()):
+            fitted = self.latent_fitted.cpu()[classes_t, devices_t] > 0
+            mean = self.latent_mean.cpu()[classes_t, devices_t]
+            scale = self.latent_scale.cpu()[classes_t, devices_t]
+            z = torch.where(fitted[:, None], mean + torch.einsum("nij,nj->ni", scale, z), z)
+        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if bool(self.noise_std.any()) else None
         dev = next(self.parameters()).device
         was_training = self.training
         self.eval()
@@ -208,7 +243,18 @@ class ConditionalVAE(nn.Module):
             self.train(was_training)
         if not out:
             return torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.float32)
-        return torch.cat(out).float()
+        images = torch.cat(out).float()
+        return images if noise_seed is None else self._add_device_noise(images, devices_t, noise_seed)
+
+    def _add_device_noise(self, images: torch.Tensor, devices: torch.Tensor, seed: int) -> torch.Tensor:
+        """Sample p(x | z) instead of returning its mean: white Gaussian noise of the
+        device's calibrated std, drawn in fixed chunks so ``batch_size`` never changes it."""
+        noise_gen = torch.Generator().manual_seed(seed)
+        std = self.noise_std.cpu()[devices][:, :, None, None]
+        for i in range(0, images.shape[0], _NOISE_CHUNK):
+            eps = torch.randn(images[i : i + _NOISE_CHUNK].shape, generator=noise_gen)
+            images[i : i + _NOISE_CHUNK] = (images[i : i + _NOISE_CHUNK] + std[i : i + _NOISE_CHUNK] * eps).clamp_(0.0, 1.0)
+        return images
 
 
 def vae_loss(
@@ -242,7 +288,7 @@ def vae_loss(
 # Building, saving, hashing
 # ---------------------------------------------------------------------------------------
 
-_OPTION_KEYS = ("latent_dim", "widths", "embed_dim")
+_OPTION_KEYS = ("latent_dim", "widths", "embed_dim", "decoder")
 
 
 def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, **options: Any) -> ConditionalVAE:
@@ -250,7 +296,8 @@ def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, *
 
     With ``seed`` the initial weights come from a forked RNG seeded with it (the global
     RNG is untouched), so the same seed gives bit-identical weights. ``options``:
-    ``latent_dim``, ``widths`` (two ints), ``embed_dim``; anything else is an error.
+    ``latent_dim``, ``widths`` (two ints), ``embed_dim``, ``decoder`` (``transpose``: the
+    first design, ``upsample``: no checkerboard); anything else is an error.
     """
     unknown = sorted(set(options) - set(_OPTION_KEYS))
     if unknown:
