@@ -303,14 +303,22 @@ def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, *
     if unknown:
         raise ConfigurationError(f"Unknown generator option(s) {unknown}; valid: {', '.join(_OPTION_KEYS)}.")
     opts = dict(options)
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
     if "widths" in opts:
-        widths = tuple(int(w) for w in opts["widths"])
-        if len(widths) != 2 or min(widths) < 1:
-            raise ConfigurationError(f"generator widths must be two positive integers, got {opts['widths']!r}.")
-        opts["widths"] = widths
+        widths = opts["widths"]
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__") or len(widths) != 2 or not all(map(positive_int, widths)):
+            raise ConfigurationError(f"generator widths must be two positive integers, got {widths!r}.")
+        opts["widths"] = tuple(int(w) for w in widths)
     for key in ("latent_dim", "embed_dim"):
         if key in opts:
+            if not positive_int(opts[key]):
+                raise ConfigurationError(f"generator option {key} must be a positive integer, got {opts[key]!r}.")
             opts[key] = int(opts[key])
+    if "decoder" in opts and opts["decoder"] not in DECODERS:
+        raise ConfigurationError(f"generator option decoder must be one of {', '.join(DECODERS)}, got {opts['decoder']!r}.")
 
     def make() -> ConditionalVAE:
         return ConditionalVAE(spec.in_channels, spec.num_classes, int(num_devices), spec.image_size, **opts)
