@@ -32,6 +32,7 @@ from fedmic_pipeline.core.algorithms import ALGORITHMS, build_algorithm
 from fedmic_pipeline.core.devices import DeviceConfigError, DevicesConfig
 from fedmic_pipeline.core.engine import SimulationConfig
 from fedmic_pipeline.core.partition import PartitionConfig, PartitionError
+from fedmic_pipeline.core.pretraining import PretrainingConfig
 from fedmic_pipeline.core.protocol import ConfigurationError, DataSpec, reject_unknown_keys
 from fedmic_pipeline.ingestion import MedMNISTSourceError
 from fedmic_pipeline.tracking.registry import PromotionConfigError, PromotionRule
@@ -258,9 +259,12 @@ class TrainingConfig:
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0
     resume: str = "false"
+    #: Server pretraining on the synthetic pool before round 1 (``core/pretraining.py``);
+    #: None = off. ``pretraining.enabled: auto`` turns it on with the synthetic sets (FedSSG).
+    pretraining: PretrainingConfig | None = None
 
     #: The block's own keys; every other key must be a ``SimulationConfig`` field.
-    OWN_KEYS = ("algorithm", "extra_training_data", "checkpoint_dir", "checkpoint_every", "resume")
+    OWN_KEYS = ("algorithm", "extra_training_data", "checkpoint_dir", "checkpoint_every", "resume", "pretraining")
 
     @classmethod
     def from_params(cls, training: Mapping[str, Any]) -> TrainingConfig:
@@ -295,7 +299,8 @@ class TrainingConfig:
             simulation = SimulationConfig(**{key: training[key] for key in _SIMULATION_KEYS if key in training})
         except ConfigurationError as exc:
             raise ConfigurationError(f"In the `training` block: {exc}") from None
-        return cls(algorithm, simulation, extra, Path(directory) if directory else None, every, resume)
+        pretraining = _pretraining(training.get("pretraining"), extra)
+        return cls(algorithm, simulation, extra, Path(directory) if directory else None, every, resume, pretraining)
 
     @property
     def seed(self) -> int:
@@ -306,6 +311,25 @@ class TrainingConfig:
         if self.checkpoint_dir is None:
             return None
         return self.checkpoint_dir / f"{self.algorithm}-seed{self.seed}.pt"
+
+
+def _pretraining(block: Any, extra_training_data: str) -> PretrainingConfig | None:
+    """``training.pretraining``: {enabled: auto | true | false, epochs, lr, momentum, batch_size,
+    weight_decay}; auto = on exactly when the hospitals train with the synthetic sets."""
+    if block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        raise ConfigurationError(f"training.pretraining must be a mapping (enabled, epochs, lr, ...), got {block!r}.")
+    fields = [f.name for f in dataclasses.fields(PretrainingConfig)]
+    unknown = sorted(set(block) - {"enabled", *fields})
+    if unknown:
+        raise ConfigurationError(f"Unknown key(s) {unknown} in training.pretraining; valid keys: enabled, {', '.join(fields)}.")
+    enabled = _RESUME.get(str(block.get("enabled", "auto")).strip().lower())
+    if enabled is None:
+        raise ConfigurationError(f"training.pretraining.enabled must be true, false or auto, got {block.get('enabled')!r}.")
+    if enabled == "false" or (enabled == "auto" and extra_training_data != "synthetic"):
+        return None
+    return PretrainingConfig(**{key: block[key] for key in fields if key in block})
 
 
 def algorithm_params_for(name: str, algorithm_params: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ import numpy as np
 
 from fedmic_pipeline.configuration import EXTRA_TRAINING_DATA, TrainingConfig, algorithm_params_for
 from fedmic_pipeline.core.algorithms import build_algorithm
-from fedmic_pipeline.core.data import to_client_data
+from fedmic_pipeline.core.data import to_client_data, to_tensors
+from fedmic_pipeline.core.pretraining import PretrainingConfig, ServerPretraining
 from fedmic_pipeline.core.protocol import ClientData, ConfigurationError, DataSpec, FederatedAlgorithm
 from fedmic_pipeline.core.simulation import SimulationResult, run_simulation
 from fedmic_pipeline.model_evaluation import evaluate_models
@@ -170,6 +171,27 @@ def extra_training_sets(
     return extra
 
 
+def server_pretraining(
+    config: PretrainingConfig | None, synthetic_sets: Mapping[str, ArraysOrLoader] | None
+) -> ServerPretraining | None:
+    """The engine callback that pretrains the shared model on the synthetic pool (the union of
+    the hospitals' synthetic sets, which the server sampled from its own generator and the
+    synthetic gate passed), or None when pretraining is off."""
+    if config is None:
+        return None
+    sets = [_materialise(synthetic_sets[key]) for key in sorted(synthetic_sets or {})]
+    sets = [s for s in sets if len(s["labels"])]
+    if not sets:
+        raise ConfigurationError(
+            "training.pretraining is on but there are no synthetic samples to pretrain on: run "
+            "`kedro run --pipelines synthetic_generation` with synthetic.enabled: true, or set "
+            "training.pretraining.enabled: false."
+        )
+    images = np.concatenate([s["images"] for s in sets])
+    labels = np.concatenate([np.asarray(s["labels"]).reshape(-1) for s in sets])
+    return ServerPretraining(*to_tensors(images, labels), config)
+
+
 def make_algorithm(name: str, algorithm_params: Mapping[str, Any], spec: DataSpec) -> FederatedAlgorithm:
     return build_algorithm(name, algorithm_params_for(name, algorithm_params), spec)
 
@@ -184,16 +206,19 @@ def run_and_evaluate(
     training: Mapping[str, Any],
     evaluation: Mapping[str, Any],
     extra: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    synthetic_sets: Mapping[str, ArraysOrLoader] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], SimulationResult]:
     """One in-memory run of `method` and its evaluation (the comparison and the ablation).
 
+    `synthetic_sets` feed the server's pretraining when `training.pretraining` is on.
     Returns the evaluation report, the run summary and the simulation result.
     """
     spec = data_spec(dataset_info)
     algorithm = make_algorithm(method, algorithm_params, spec)
     clients = build_clients(client_arrays, extra)
     config = TrainingConfig.from_params({**training, "algorithm": method})
-    result = run_simulation(algorithm, clients, spec, config.simulation)
+    pretraining = server_pretraining(config.pretraining, synthetic_sets)
+    result = run_simulation(algorithm, clients, spec, config.simulation, callbacks=[pretraining] if pretraining else [])
     report = evaluate_models(
         global_model=result.global_model(),
         personalized={c.client_id: result.personalized_model(c.client_id) for c in clients},
@@ -205,4 +230,5 @@ def run_and_evaluate(
         last_global_model=result.last_global_model(),
         last_personalized={c.client_id: result.last_personalized_model(c.client_id) for c in clients},
     )
-    return report, run_summary(algorithm, result, clients), result
+    summary = run_summary(algorithm, result, clients, pretraining=pretraining.summary if pretraining else None)
+    return report, summary, result

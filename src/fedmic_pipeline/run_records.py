@@ -77,9 +77,11 @@ def run_summary(
     extra_training_data: str = "none",
     models: Mapping[str, Mapping[str, Any]] | None = None,
     partition_manifest: Mapping[str, Any] | None = None,
+    pretraining: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a run was (resolved config, runner settings) and what it cost (bytes, time);
-    with `models` and `partition_manifest`, what it produced from which partition."""
+    with `models` and `partition_manifest`, what it produced from which partition;
+    `pretraining`: what the server's pretraining did before round 1 (None = none)."""
     communication = communication_table(result.history)
     binding: dict[str, Any] = {}
     if partition_manifest is not None:
@@ -101,5 +103,6 @@ def run_summary(
             for c in clients
         },
         "extra_training_data": extra_training_data,
+        "pretraining": dict(pretraining) if pretraining is not None else None,
         **binding,
     }

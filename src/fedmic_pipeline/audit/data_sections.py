@@ -40,7 +40,22 @@ ORIGINAL_SOURCES = {
 
 
 def used_synthetic_data(training_summary: Mapping[str, Any]) -> bool:
-    return training_summary.get("extra_training_data", "none") == "synthetic"
+    """Synthetic images reached the model: in the hospitals' training splits, or in the
+    server's pretraining before round 1."""
+    return training_summary.get("extra_training_data", "none") == "synthetic" or bool(training_summary.get("pretraining"))
+
+
+def _synthetic_statement(training_summary: Mapping[str, Any]) -> str:
+    in_training = training_summary.get("extra_training_data", "none") == "synthetic"
+    pretraining = training_summary.get("pretraining")
+    parts = ["synthetic images were appended to each client's training split"] if in_training else []
+    if pretraining:
+        parts.append(
+            f"the server pretrained the shared model on {pretraining.get('samples')} synthetic images for "
+            f"{pretraining.get('epochs')} epoch(s) before round 1 (initial model sha256 "
+            f"{str(pretraining.get('initial_digest', '?'))[:12]} -> {str(pretraining.get('pretrained_digest', '?'))[:12]})"
+        )
+    return "used: " + "; ".join(parts)
 
 
 _MD5 = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
@@ -321,8 +336,10 @@ def synthetic_data(
         "status": NOT_USED if not used else (PASS if (validation or {}).get("success", (manifest.get("gate") or {}).get("success")) else FAIL),
         "used_by_run": used,
         "manifest_present": True,
-        "statement": "used: synthetic images were appended to each client's training split" if used
-                     else "synthetic sets exist but this run did not use them (training.extra_training_data is not 'synthetic')",
+        "statement": _synthetic_statement(training_summary) if used
+                     else "synthetic sets exist but this run did not use them (training.extra_training_data is not "
+                          "'synthetic' and the server did not pretrain)",
+        "pretraining": training_summary.get("pretraining"),
         "enabled": manifest.get("enabled"),
         "use": manifest.get("use"),
         "total_images": manifest.get("total"),

@@ -149,6 +149,17 @@ class FederatedAlgorithm(ABC):
         each client it sends to, just before sending."""
         return payload
 
+    def after_server_pretraining(self, server_state: ServerState, payload: Payload) -> Payload:
+        """The first broadcast once the server has trained its shared model in place before
+        round 1 (``core/pretraining.py``): every payload entry that is a state of the shared
+        model is taken from it again, the rest (control variates, versions) kept. A method
+        holding more copies of the shared model overrides this to update them too."""
+        model = self.global_model(server_state)
+        if model is None:
+            return payload
+        state = model.state_dict()
+        return {key: state[key].detach().clone() if key in state else value for key, value in payload.items()}
+
     @abstractmethod
     def global_model(self, server_state: ServerState) -> nn.Module | None:
         """The shared model evaluated on the global test set (None for local-only)."""

@@ -208,7 +208,8 @@ def log_training_run(
         return {"mlflow_run_id": None}
     import mlflow
 
-    synthetic_used = str(summary.get("extra_training_data", "none")) != "none"
+    pretraining = summary.get("pretraining")
+    synthetic_used = str(summary.get("extra_training_data", "none")) != "none" or bool(pretraining)
     tags = lineage_tags(dataset_info, partition_manifest, seed, synthetic_used=synthetic_used)
     tags["algorithm"] = str(summary["algorithm"])
     mlflow.set_tags(tags)
@@ -220,6 +221,8 @@ def log_training_run(
     privacy = privacy_from_summary(summary, history)
     if privacy is not None:
         log_privacy(run_id, privacy)
+    if pretraining:
+        log_pretraining(pretraining)
 
     registered = None
     if "global" in models:
@@ -234,6 +237,18 @@ def log_training_run(
         mlflow.set_tags({"selection.global_round": str(selection.get("global_round")), "selection.rule": SELECTION_RULE})
     logger.info("MLflow run %s: %d metric points, model %s", run_id, n_metrics, registered and registered["registered_model"])
     return {"mlflow_run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(), "registered": registered, "tags": tags}
+
+
+def log_pretraining(pretraining: Mapping[str, Any]) -> None:
+    """The server's pretraining on the synthetic pool: its settings as params, the digests of
+    the model before and after as tags (they prove round 1 started from the pretrained model),
+    the loss per epoch as a metric curve (step = epoch)."""
+    import mlflow
+
+    mlflow.log_params({f"pretraining.{key}": pretraining[key] for key in ("epochs", "lr", "batch_size", "samples", "seed") if key in pretraining})
+    mlflow.set_tags({f"pretraining.{key}": str(pretraining[key]) for key in ("initial_digest", "pretrained_digest", "note") if key in pretraining})
+    for epoch, loss in enumerate(pretraining.get("loss_by_epoch") or []):
+        mlflow.log_metric("pretraining.loss", float(loss), step=epoch)
 
 
 SELECTION_RULE = "best pooled validation balanced accuracy (global); own validation split per hospital (personalized)"

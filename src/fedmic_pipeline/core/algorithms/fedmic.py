@@ -413,6 +413,15 @@ class FedMIC(BaseAlgorithm):
         server_state["downlink_stats"] = stats.as_metrics(prefix="downlink/", per_layer=False)
         return encoded, server_state
 
+    def after_server_pretraining(self, server_state: ServerState, payload: Payload) -> Payload:
+        """With downlink compression the server holds the student twice (its own and the
+        view the hospitals reconstruct); both start from the pretrained weights."""
+        pretrained = self.global_model(server_state).state_dict()
+        for key in ("model", "view_model"):
+            if key in server_state:
+                server_state[key].load_state_dict(pretrained)
+        return super().after_server_pretraining(server_state, payload)
+
     def global_model(self, server_state: ServerState) -> nn.Module | None:
         return server_state["view_model"] if self.cfg.downlink_compression else server_state["model"]
 

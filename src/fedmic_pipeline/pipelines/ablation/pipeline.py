@@ -24,7 +24,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="ablation_runs",
                 name="run_ablation",
             ),
-            node(nodes.ablation_table, "ablation_runs", ["ablation_summary", "ablation_markdown"], name="ablation_table"),
+            node(
+                nodes.ablation_table,
+                "ablation_runs",
+                ["ablation_summary", "ablation_markdown", "ablation_differences"],
+                name="ablation_table",
+            ),
             node(nodes.plot_ablation, "ablation_runs", "ablation_plot", name="plot_ablation"),
         ]
     )

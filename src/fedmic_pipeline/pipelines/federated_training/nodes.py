@@ -17,6 +17,7 @@ The summary records the sha256 of the partition manifest and a digest of every m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -54,7 +55,9 @@ def train_federated(
     and `trained_models["global"]` is the round selected there (`global_last` beside it).
     Everything that can be wrong in the configuration is checked while the algorithm and
     runner are built, before the first round. `training.extra_training_data` adds each
-    hospital's synthetic set (or as many augmented real samples) to its training split.
+    hospital's synthetic set (or as many augmented real samples) to its training split;
+    `training.pretraining` (on with the synthetic sets by default) has the server train the
+    shared model on their union before round 1.
     With `training.resume` the run continues from its checkpoint (see the module docstring).
     The client files must be the hospitals `partition_manifest` lists (`build_clients`);
     without a manifest (in-memory partitions) the summary is bound to none, and evaluation
@@ -68,13 +71,16 @@ def train_federated(
     mode = config.extra_training_data
     extra = federation.extra_training_sets(mode, client_partitions, synthetic_client_sets, config.seed)
     clients = federation.build_clients(client_partitions, extra, partition_manifest)
+    pretraining = federation.server_pretraining(config.pretraining, synthetic_client_sets)
     result = run_simulation(
         algorithm, clients, spec, config.simulation,
         checkpoint_every=config.checkpoint_every if path is not None else 0,
         on_checkpoint=(lambda checkpoint: write_bytes_atomically(path, serialize_checkpoint(checkpoint))) if path else None,
         resume_from=resume_from,
         fingerprint_extra={"dataset": dataset_info.get("flag"), "dataset_md5": dataset_info.get("md5"),
-                           "extra_training_data": mode},
+                           "extra_training_data": mode, "pretraining": dataclasses.asdict(config.pretraining)
+                           if config.pretraining else None},
+        callbacks=[pretraining] if pretraining else [],
     )  # fmt: skip
 
     models: dict[str, dict[str, Any]] = {}
@@ -86,9 +92,20 @@ def train_federated(
         models[f"client_{client.client_id:02d}"] = model_record(result.personalized_model(client.client_id))
 
     summary = run_records.run_summary(
-        algorithm, result, clients, extra_training_data=mode, models=models, partition_manifest=partition_manifest
+        algorithm, result, clients, extra_training_data=mode, models=models, partition_manifest=partition_manifest,
+        pretraining=_pretraining_record(pretraining, resume_from),
     )
     return models, run_records.history_table(result.history), run_records.communication_table(result.history), summary
+
+
+def _pretraining_record(pretraining: Any, resume_from: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What the server's pretraining did; a resumed run pretrained before its checkpoint."""
+    if pretraining is None:
+        return None
+    if pretraining.summary is None and resume_from is not None:
+        return {**dataclasses.asdict(pretraining.config), "samples": int(len(pretraining.labels)),
+                "note": "pretrained by the interrupted run this one resumed (same pool and settings: the fingerprint matched)"}  # fmt: skip
+    return pretraining.summary
 
 
 def discard_checkpoint(trained_models: Mapping[str, Any], training_summary: dict[str, Any], training: dict[str, Any]) -> None:
