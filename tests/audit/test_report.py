@@ -314,3 +314,20 @@ def test_synthetic_sets_matter_only_when_the_run_used_them(tmp_path):
         "data/05_model_input/synthetic/client_00.npz"
     ]
     assert "labels.npy sha256" in used[0]["expected"] and used[0]["expected"] != used[0]["actual"]
+
+
+@pytest.mark.slow
+def test_server_pretraining_is_shown_in_the_synthetic_data_section(finished_run):
+    """A run whose server pretrained on the synthetic pool: the section says so, with the
+    model's digest before and after, and the page renders with every reference resolved."""
+    report = _report(finished_run["project"])
+    pretraining = {"samples": 120, "epochs": 2, "lr": 0.01, "batch_size": 64, "seed": 42,
+                   "initial_digest": "a" * 64, "pretrained_digest": "b" * 64, "loss_by_epoch": [0.7, 0.4]}  # fmt: skip
+    summary = {"extra_training_data": "none", "pretraining": pretraining, "synthetic_train_samples": {}}
+    manifest = {"enabled": True, "use": "pretraining", "total": 120, "seed": 0, "gate": {"success": True},
+                "generator": {"architecture": "conditional_vae", "sha256": "c" * 64, "trained": True}}  # fmt: skip
+    report["synthetic_data"] = data_sections.synthetic_data(summary, manifest, {"success": True}, None)
+    assert report["synthetic_data"]["status"] == "PASS" and report["synthetic_data"]["used_by_run"] is True
+    html = render.render_html(report, project_root=finished_run["project"], strict=True)
+    assert "server pretraining" in html and "120 synthetic images, 2 epoch(s)" in html
+    assert "pretrained the shared model on 120 synthetic images" in html

@@ -245,8 +245,10 @@ def log_pretraining(pretraining: Mapping[str, Any]) -> None:
     the loss per epoch as a metric curve (step = epoch)."""
     import mlflow
 
-    mlflow.log_params({f"pretraining.{key}": pretraining[key] for key in ("epochs", "lr", "batch_size", "samples", "seed") if key in pretraining})
-    mlflow.set_tags({f"pretraining.{key}": str(pretraining[key]) for key in ("initial_digest", "pretrained_digest", "note") if key in pretraining})
+    mlflow.log_params({f"pretraining.{key}": pretraining[key] for key in ("epochs", "lr", "batch_size", "samples", "seed")
+                       if pretraining.get(key) is not None})  # fmt: skip
+    mlflow.set_tags({f"pretraining.{key}": str(pretraining[key]) for key in ("initial_digest", "pretrained_digest", "note")
+                     if pretraining.get(key) is not None})  # fmt: skip
     for epoch, loss in enumerate(pretraining.get("loss_by_epoch") or []):
         mlflow.log_metric("pretraining.loss", float(loss), step=epoch)
 

@@ -126,3 +126,46 @@ def test_kedro_training_and_evaluation_log_a_complete_mlflow_run(project_root, t
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"personalized_models", "evaluation"} <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "personalized_models")) == 10
+
+
+def test_pretraining_on_the_synthetic_pool_is_recorded_in_the_summary_mlflow_and_audit(small_federation, tmp_path, monkeypatch):
+    """With the synthetic sets (FedSSG mode) the server pretrains the shared model by default;
+    the run summary, the MLflow run and the audit's synthetic-data section all say so, with the
+    digests of the model before and after."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from fedmic_pipeline.audit.data_sections import synthetic_data
+    from fedmic_pipeline.tracking.mlflow_logging import log_training_run
+
+    clients, _, info, manifest = small_federation
+    synthetic = {
+        name: {"images": arrays["train_images"][:6], "labels": arrays["train_labels"][:6],
+               "devices": np.full(6, int(arrays["device"])), "is_synthetic": np.ones(6, dtype=bool)}
+        for name, arrays in clients.items()
+    }  # fmt: skip
+    params = training_params(algorithm="fedavg", extra_training_data="synthetic")
+    models, history, _, summary = train_federated(
+        clients, manifest, info, params["training"], params["algorithm_params"], {k: (lambda v=v: v) for k, v in synthetic.items()}
+    )
+    pretraining = summary["pretraining"]
+    assert pretraining["samples"] == 6 * len(clients) and pretraining["epochs"] == params["training"]["pretraining"]["epochs"]
+    assert pretraining["initial_digest"] != pretraining["pretrained_digest"]
+    plain = train_federated(clients, manifest, info, {**params["training"], "pretraining": {"enabled": False}},
+                            params["algorithm_params"], {k: (lambda v=v: v) for k, v in synthetic.items()})  # fmt: skip
+    assert plain[3]["pretraining"] is None
+    assert not history["train_loss"].equals(plain[1]["train_loss"]), "round 1 must start from the pretrained model"
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        log_training_run(history, summary, {}, info, manifest, seed=params["training"]["seed"])
+    logged = MlflowClient().get_run(run.info.run_id).data
+    assert logged.params["pretraining.samples"] == str(pretraining["samples"])
+    assert logged.tags["pretraining.pretrained_digest"] == pretraining["pretrained_digest"]
+    assert logged.metrics["pretraining.loss"] == pytest.approx(pretraining["loss_by_epoch"][-1])
+
+    section = synthetic_data(summary, {"enabled": True, "total": 60, "gate": {"success": True}}, {"success": True}, None)
+    assert section["used_by_run"] is True and section["pretraining"] == pretraining
+    assert f"pretrained the shared model on {pretraining['samples']} synthetic images" in section["statement"]
+    assert pretraining["pretrained_digest"][:12] in section["statement"]

@@ -103,7 +103,8 @@ def _pretraining_record(pretraining: Any, resume_from: Mapping[str, Any] | None)
     if pretraining is None:
         return None
     if pretraining.summary is None and resume_from is not None:
-        return {**dataclasses.asdict(pretraining.config), "samples": int(len(pretraining.labels)),
+        return {**dataclasses.asdict(pretraining.config), "samples": int(len(pretraining.labels)), "seed": None,
+                "initial_digest": None, "pretrained_digest": None,
                 "note": "pretrained by the interrupted run this one resumed (same pool and settings: the fingerprint matched)"}  # fmt: skip
     return pretraining.summary
 
