@@ -52,6 +52,7 @@ def _runs(effects: dict[str, list[float]]) -> pd.DataFrame:
         for seed, effect in zip(base, per_seed, strict=True):
             row = {"method": "fedavg", "arm": arm, "seed": seed, "extra_samples": 0 if arm == "none" else 100, "rare_class": "pneumonia"}
             row.update({column: base[seed] + effect for column, _ in nodes.TABLE_COLUMNS})
+            row.update({"global.constant_predictor": arm == "pretraining" and seed == 2, "unseen_device.global.constant_predictor": False})
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -77,6 +78,8 @@ def test_paired_differences_t_interval_and_verdict():
 
     _, markdown, table = nodes.ablation_table(runs)
     assert len(table) == len(differences)
+    pretraining_row = next(line for line in markdown.splitlines() if line.startswith("| fedavg   | pretraining   "))
+    assert pretraining_row.rstrip(" |").endswith("1 / 0"), "one seed's global model is constant: the table says so"
     verdict = markdown.split("## Verdict")[1]
     assert "- synthetic on the rare class (global recall): vs none: helps (+0.200 ± 0.100, better in 3/3 seeds)" in verdict
     assert "- pretraining on the rare class (global recall): vs none: hurts" in verdict

@@ -115,6 +115,14 @@ def _gate(
     enforce_stage_gate(report, "ablation", withheld="ablation result", upstream="parameters_synthetic_generation.yml")
 
 
+def _constant_counts(group: pd.DataFrame) -> str:
+    """How many seeds' global models predict one class (>= 95 % of one prediction) on the
+    test set and on the unseen device: a balanced accuracy near 0.5 is then no model at all."""
+    counts = [int(group[c].fillna(False).astype(bool).sum()) if c in group else 0
+              for c in ("global.constant_predictor", "unseen_device.global.constant_predictor")]  # fmt: skip
+    return f"{counts[0]} / {counts[1]}"
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None or np.isnan(value) else f"{value:.3f}"
 
@@ -138,6 +146,8 @@ def _row(report: dict[str, Any], method: str, arm: str, seed: int, rare: int, n_
         "global.accuracy": g["accuracy"] if g else None,
         "unseen_device.global.accuracy": unseen["accuracy"] if unseen else None,
         "unseen_device.global.balanced_accuracy": unseen["balanced_accuracy"] if unseen else None,
+        "global.constant_predictor": bool(g["constant_predictor"]) if g else None,
+        "unseen_device.global.constant_predictor": bool(unseen["constant_predictor"]) if unseen else None,
         "unseen_device.global.rare_class_recall": unseen["per_class_recall"][rare] if unseen else None,
         "personalized.rare_class_recall": float(np.mean(valid)) if valid else float("nan"),
         "personalized.balanced_accuracy": summary["mean"]["balanced_accuracy"] if summary else None,
@@ -246,7 +256,8 @@ def ablation_table(ablation_runs: pd.DataFrame) -> tuple[pd.DataFrame, str, pd.D
             if group.empty:
                 continue
             record: dict[str, Any] = {"method": method, "extra data": arm, "seeds": len(group),
-                                      "extra samples": int(group["extra_samples"].mean())}  # fmt: skip
+                                      "extra samples": int(group["extra_samples"].mean()),
+                                      "constant global models (test / unseen device)": _constant_counts(group)}  # fmt: skip
             for column, heading in TABLE_COLUMNS:
                 values = group[column].dropna().astype(float)
                 record[f"{column}.mean"] = values.mean() if len(values) else None
@@ -258,7 +269,8 @@ def ablation_table(ablation_runs: pd.DataFrame) -> tuple[pd.DataFrame, str, pd.D
     table = pd.DataFrame(records)
     differences = arm_differences(ablation_runs)
     rare = ablation_runs["rare_class"].iloc[0] if len(ablation_runs) else "?"
-    headings = ["method", "extra data", "seeds", "extra samples", *[h for _, h in TABLE_COLUMNS]]
+    headings = ["method", "extra data", "seeds", "extra samples", *[h for _, h in TABLE_COLUMNS],
+                "constant global models (test / unseen device)"]  # fmt: skip
     markdown = "\n".join(
         [
             "# FedSSG ablation (mean ± std over seeds)",
@@ -269,7 +281,8 @@ def ablation_table(ablation_runs: pd.DataFrame) -> tuple[pd.DataFrame, str, pd.D
             "pool before round 1, alone and with the shipped synthetic sets. "
             "Global: the shared model on the official test set; personalized: each hospital's model on its "
             "local test split (mean over hospitals); unseen device: the official test set as the held-out "
-            "imaging device renders it.",
+            "imaging device renders it. For the pretraining arms, extra samples are the server's pool (the "
+            "hospitals add none in the pretraining-only arm).",
             "",
             table[headings].to_markdown(index=False),
             "",
