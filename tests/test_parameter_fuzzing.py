@@ -45,6 +45,8 @@ WORDS_LISTS = {("compare", k) for k in ("methods", "lambdas", "join_ratios", "se
 }
 #: Values the spec accepts although their type differs from the shipped value's.
 SPELLINGS = {("training", "resume"): {"true", "yes", "1", "false", "no", "0", "none", "auto"}}
+#: Shipped as the string "auto", they also take true and false (and the resume spellings).
+TRUE_FALSE_OR_AUTO = {("training", "pretraining", "enabled")}
 #: Out-of-range values of the bounded parameters, by key name. Besides these, every integer
 #: parameter is refused at -1 and every number at NaN and -infinity, and at +infinity except
 #: the methods' own parameters (`out_of_range`).
@@ -99,6 +101,9 @@ def wrong_types(path: Path_, value: Any) -> st.SearchStrategy[Any]:
         return st.one_of(st.integers(2, 99), LETTERS.filter(lambda text: text not in accepted), integers)
     if isinstance(value, (int, float)):
         return st.one_of(st.booleans(), LETTERS, integers, mapping)
+    if isinstance(value, str) and path in TRUE_FALSE_OR_AUTO:
+        accepted = SPELLINGS[("training", "resume")]
+        return st.one_of(st.integers(2, 99), LETTERS.filter(lambda text: text.lower() not in accepted), integers, mapping)
     if isinstance(value, str):
         return st.one_of(st.booleans(), integers, mapping)
     if isinstance(value, list):

@@ -327,9 +327,10 @@ def _pretraining(block: Any, extra_training_data: str) -> PretrainingConfig | No
     enabled = _RESUME.get(str(block.get("enabled", "auto")).strip().lower())
     if enabled is None:
         raise ConfigurationError(f"training.pretraining.enabled must be true, false or auto, got {block.get('enabled')!r}.")
+    config = PretrainingConfig(**{key: block[key] for key in fields if key in block})  # checked even when off
     if enabled == "false" or (enabled == "auto" and extra_training_data != "synthetic"):
         return None
-    return PretrainingConfig(**{key: block[key] for key in fields if key in block})
+    return config
 
 
 def algorithm_params_for(name: str, algorithm_params: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +58,12 @@ class PretrainingConfig:
                 raise ConfigurationError(f"pretraining.{name} must be an integer >= 1, got {value!r}.")
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigurationError(f"pretraining.{name} must be a number >= 0, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ConfigurationError(f"pretraining.{name} must be a finite number >= 0, got {value!r}.")
         if self.lr <= 0:
             raise ConfigurationError(f"pretraining.lr must be > 0, got {self.lr!r}.")
+        if self.momentum >= 1:
+            raise ConfigurationError(f"pretraining.momentum must be below 1, got {self.momentum!r}.")
 
 
 def state_digest(model: nn.Module) -> str:

@@ -157,10 +157,15 @@ def test_pretraining_on_the_synthetic_pool_is_recorded_in_the_summary_mlflow_and
     assert not history["train_loss"].equals(plain[1]["train_loss"]), "round 1 must start from the pretrained model"
 
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as run:
-        log_training_run(history, summary, {}, info, manifest, seed=params["training"]["seed"])
-    logged = MlflowClient().get_run(run.info.run_id).data
+    tracking_uri, previous_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(experiment_id=client.create_experiment("pretraining")) as run:
+            log_training_run(history, summary, {}, info, manifest, seed=params["training"]["seed"])
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    logged = client.get_run(run.info.run_id).data
     assert logged.params["pretraining.samples"] == str(pretraining["samples"])
     assert logged.tags["pretraining.pretrained_digest"] == pretraining["pretrained_digest"]
     assert logged.metrics["pretraining.loss"] == pytest.approx(pretraining["loss_by_epoch"][-1])
