@@ -14,6 +14,8 @@ Three message types, all answered from the node's OWN partition (node config
   partition id)`` and the results match it -- stores the new private state back into
   ``context.state`` and replies ``upload`` (ArrayRecord) and ``metrics`` (MetricRecord:
   the core's metrics, ``num-train`` and the core's byte count ``payload-nbytes``).
+  Under run config ``secure-aggregation = "secaggplus"`` Flower's ``secaggplus_mod``
+  wraps this handler (``secure_aggregation``): the reply is the dense update, masked.
 * ``evaluate``: the global model's confusion counts on the node's validation split
   (``global-val-counts``, row-major k x k; the server pools them) and the personalized
   model's accuracy and balanced accuracy there. The core's ``personalized_model(state, server_state)`` may read ``server_state['model']``
@@ -39,7 +41,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import task
+from . import secure_aggregation, task
 from .records import has_private_state, load_private_state, payload_to_record, record_to_payload, store_private_state
 
 __all__ = ["OUTGOING_LOG_KEY", "ServerStateUnavailable", "app", "describe_message", "outgoing_message_log"]
@@ -129,7 +131,7 @@ def _message_config(message: Message) -> ConfigRecord:
 class _NodeRound:
     """Everything one train/evaluate message needs on this node, built from the message."""
 
-    def __init__(self, message: Message, context: Context) -> None:
+    def __init__(self, message: Message, context: Context, config: ConfigRecord | None = None) -> None:
         import torch
 
         from ..core.data import amp_dtype, resolve_amp, resolve_device
@@ -137,7 +139,7 @@ class _NodeRound:
         from ..core.simulation import SimulationConfig, validate_setup
 
         task.configure_logging()
-        self.config = cfg = _message_config(message)
+        self.config = cfg = _message_config(message) if config is None else config
         self.node = task.node_identity(context.node_config, context.run_config)
         if self.node.num_threads:
             torch.set_num_threads(self.node.num_threads)
@@ -232,17 +234,23 @@ def query(message: Message, context: Context) -> Message:
     return Message(RecordDict({task.CONFIG_KEY: reply}), reply_to=message)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation.secaggplus_when_requested])
 def train(message: Message, context: Context) -> Message:
-    """One ``client_update`` of the core on this node's partition (see module docstring)."""
+    """One ``client_update`` of the core on this node's partition (see module docstring).
+    Under SecAgg+ (``secure_aggregation``) the payload arrives as legacy FitIns and the
+    reply is the dense update in the FitRes layout, which the mod masks before it leaves."""
     start = time.perf_counter()
     timing = _timing(message)  # before torch is imported: startup-s is Flower's share
     from ..core.protocol import payload_nbytes
 
-    node_round = _NodeRound(message, context)
-    if task.PAYLOAD_KEY not in message.content:
+    secure = secure_aggregation.is_secure_train(message)
+    node_round = _NodeRound(message, context, secure_aggregation.fit_config(message) if secure else None)
+    if secure:
+        payload = secure_aggregation.fit_payload(message, node_round.device)
+    elif task.PAYLOAD_KEY not in message.content:
         raise task.FlowerConfigError(f"The train message has no '{task.PAYLOAD_KEY}' ArrayRecord.")
-    payload = record_to_payload(message.content[task.PAYLOAD_KEY], node_round.device)
+    else:
+        payload = record_to_payload(message.content[task.PAYLOAD_KEY], node_round.device)
     state = node_round.client_state()
     t0 = time.perf_counter()
     upload, state, metrics = node_round.algorithm.client_update(state, node_round.data, payload, node_round.ctx)
@@ -266,7 +274,10 @@ def train(message: Message, context: Context) -> Message:
         node_round.partition_id, node_round.ctx.round + 1, node_round.ctx.num_rounds, node_round.algorithm_name,
         out.get("loss", float("nan")), out["payload-nbytes"], update_s,
     )  # fmt: skip
-    content = RecordDict({task.UPLOAD_KEY: payload_to_record(upload), task.METRICS_KEY: MetricRecord(out)})
+    if secure:
+        content = secure_aggregation.fit_reply(upload, payload, out, node_round.data.num_train, node_round.config)
+    else:
+        content = RecordDict({task.UPLOAD_KEY: payload_to_record(upload), task.METRICS_KEY: MetricRecord(out)})
     return Message(content, reply_to=message)
 
 

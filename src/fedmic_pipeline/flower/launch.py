@@ -114,9 +114,13 @@ def prepare_app_dir(project_dir: Path, app_dir: Path) -> Path:
     if not flwr_tables or "app" not in flwr_tables:
         raise task.FlowerConfigError(f"{project_dir / 'pyproject.toml'} has no [tool.flwr.app] table.")
     project = {k: v for k, v in config["project"].items() if k in ("name", "version", "description", "license")}
+    app = dict(flwr_tables["app"])
+    # Flower refuses --run-config keys the app does not declare: declare every key the
+    # ServerApp reads (task.RUN_CONFIG_DEFAULTS), pyproject's values first.
+    app["config"] = {**task.RUN_CONFIG_DEFAULTS, **app.get("config", {})}
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
-        tomli_w.dumps({"project": project, "tool": {"flwr": {"app": flwr_tables["app"]}}}), encoding="utf-8"
+        tomli_w.dumps({"project": project, "tool": {"flwr": {"app": app}}}), encoding="utf-8"
     )
     return app_dir
 
@@ -698,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="overrides seed")
     parser.add_argument("--output-dir", default=None, help="overrides output-dir")
     parser.add_argument("--algorithm-params", default=None, help="overrides algorithm-params (a JSON object)")
+    parser.add_argument(
+        "--secure-aggregation", choices=task.SECURE_AGGREGATION_MODES, default=None,
+        help="overrides secure-aggregation: 'secaggplus' = Flower SecAgg+ (FedAvg family only)",
+    )  # fmt: skip
     parser.add_argument("--run-config", action="append", default=[], help="extra 'key=value ...' run config overrides")
     parser.add_argument("--work-dir", default=None, help="logs and FLWR_HOME (default: a new temp dir, kept)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is killed")
@@ -743,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         ("seed", args.seed),
         ("output-dir", args.output_dir),
         ("algorithm-params", args.algorithm_params),
+        ("secure-aggregation", args.secure_aggregation),
     ):
         if value is not None:
             run_config[key] = value

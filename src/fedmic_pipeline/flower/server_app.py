@@ -24,6 +24,11 @@ transport's own: ``wire_bytes_up`` / ``wire_bytes_down`` (serialized Flower mess
 ``failed``, ``num_failed`` and ``wire_bytes_eval_total``. They go to MLflow under the same
 metric names and steps (``tracking.round_metrics``) when a tracking URI is configured.
 
+Secure aggregation: run config ``secure-aggregation = "secaggplus"`` replaces the train
+exchange by one Flower SecAgg+ round (``secure_aggregation.SecAggPlusClients``): the
+server learns only the sample-weighted mean of the nodes' dense updates. FedAvg family
+only; FedMIC and other non-summable uploads are refused before the first round.
+
 Node failures: a node whose ClientApp raised (a Flower error reply), that did not reply
 within ``round-timeout`` seconds, or that left the SuperLink, is a failure.
 ``on-node-failure = "continue"`` logs a warning naming the node and its partition,
@@ -47,7 +52,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from . import task
+from . import secure_aggregation, task
 from .messaging import NodeFailureError, NodeMessenger
 from .records import message_wire_nbytes, payload_to_record, record_to_payload, wire_nbytes
 
@@ -129,11 +134,8 @@ class FlowerClients:
     def _message(self, pid: int, content: Mapping[str, Any], kind: str, ctx: Any) -> Message:
         return Message(RecordDict(dict(content)), self.partitions[pid].node_id, kind, group_id=str(ctx.round))
 
-    def train(self, ctx: Any, payloads: Mapping[int, dict[str, Any]]) -> Any:
-        """Send each sampled, live node its payload; their uploads as ``ClientUpdate``s."""
-        from ..core.engine import ClientUpdate, RoundUpdates
-        from ..core.protocol import payload_nbytes
-
+    def live_targets(self, ctx: Any) -> tuple[list[int], dict[int, str]]:
+        """The round's sampled partitions whose node is live, and why the others are skipped."""
         online = self.messenger.online()
         skipped: dict[int, str] = {}
         targets: list[int] = []
@@ -145,6 +147,14 @@ class FlowerClients:
                 skipped[pid] = "it is no longer connected to the SuperLink"
             else:
                 targets.append(pid)
+        return targets, skipped
+
+    def train(self, ctx: Any, payloads: Mapping[int, dict[str, Any]]) -> Any:
+        """Send each sampled, live node its payload; their uploads as ``ClientUpdate``s."""
+        from ..core.engine import ClientUpdate, RoundUpdates
+        from ..core.protocol import payload_nbytes
+
+        targets, skipped = self.live_targets(ctx)
         config = ConfigRecord(message_config(self.cfg, self.spec, ctx))
         records: dict[int, ArrayRecord] = {}  # one record per distinct payload: the broadcast is serialized once
         for pid in targets:
@@ -364,12 +374,15 @@ class FlowerServer:
                 params={**describe(), **self.cfg.as_params(), "runner": "flower"},
                 tags={"runner": "flower", "flower.run_id": str(self.flower_run_id), "algorithm": self.cfg.algorithm},
             )
+            secure_aggregation.check_supported(self.cfg.secure_aggregation, self.cfg.algorithm, self.algorithm)
             self.status = "waiting-for-nodes"
             self._write_summary()
             partitions = self.messenger.connect()
+            transport: Any = FlowerClients(self.messenger, self.cfg, self.spec, self.algorithm, self.device)
+            if self.cfg.secure_aggregation == "secaggplus":
+                transport = secure_aggregation.SecAggPlusClients(transport)
             engine = RoundEngine(
-                self.algorithm, self.cfg.simulation_config(),
-                FlowerClients(self.messenger, self.cfg, self.spec, self.algorithm, self.device),
+                self.algorithm, self.cfg.simulation_config(), transport,
                 {pid: node.num_train for pid, node in partitions.items()},
                 device=self.device, use_amp=self.use_amp,
                 callbacks=[RoundLogger(), self.mlflow, OnRound(lambda record: self._write_summary())],

@@ -71,6 +71,7 @@ CLIENTS_SUBDIR = "clients"
 GLOBAL_TEST_FILE = "global_test.npz"
 MANIFEST_FILE = "partition_manifest.json"
 FAILURE_POLICIES = ("continue", "stop")
+SECURE_AGGREGATION_MODES = ("none", "secaggplus")
 
 #: The run config and its defaults; pyproject.toml's ``[tool.flwr.app.config]`` mirrors
 #: this (Flower only accepts ``--run-config`` overrides of keys declared there), and
@@ -100,6 +101,10 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     # "" = $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db; "none" = off.
     "mlflow-tracking-uri": "",
     "mlflow-experiment": "fedmic-flower",
+    # "secaggplus" = Flower's SecAgg+ for the train exchange (FedAvg family only; see
+    # secure_aggregation); its updates are clipped to +-secagg-clipping-range per entry.
+    "secure-aggregation": "none",
+    "secagg-clipping-range": 8.0,
 }
 
 
@@ -152,6 +157,13 @@ def _as_float(value: Any, key: str, positive: bool = True) -> float:
     if positive and float(value) <= 0:
         raise FlowerConfigError(f"run config '{key}' must be > 0, got {value!r}.")
     return float(value)
+
+
+def _as_choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    out = str(value).strip().lower()
+    if out not in choices:
+        raise FlowerConfigError(f"run config '{key}' must be one of {choices}, got {out!r}.")
+    return out
 
 
 def _as_bool(value: Any, key: str) -> bool:
@@ -215,6 +227,8 @@ class ServerRunConfig:
     on_node_failure: str
     mlflow_tracking_uri: str | None
     mlflow_experiment: str
+    secure_aggregation: str = "none"
+    secagg_clipping_range: float = 8.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], root: Path | None = None) -> "ServerRunConfig":
@@ -223,9 +237,7 @@ class ServerRunConfig:
             logger.warning("Ignoring unknown run config keys %s (known: %s).", unknown, sorted(RUN_CONFIG_DEFAULTS))
         root = root or project_root()
         algorithm = str(_get(run_config, "algorithm"))
-        policy = str(_get(run_config, "on-node-failure")).strip().lower()
-        if policy not in FAILURE_POLICIES:
-            raise FlowerConfigError(f"run config 'on-node-failure' must be one of {FAILURE_POLICIES}, got {policy!r}.")
+        policy = _as_choice(_get(run_config, "on-node-failure"), "on-node-failure", FAILURE_POLICIES)
         uri = str(_get(run_config, "mlflow-tracking-uri")).strip()
         if uri.lower() == "none":
             tracking: str | None = None
@@ -255,6 +267,8 @@ class ServerRunConfig:
             on_node_failure=policy,
             mlflow_tracking_uri=tracking,
             mlflow_experiment=str(_get(run_config, "mlflow-experiment")),
+            secure_aggregation=_as_choice(_get(run_config, "secure-aggregation"), "secure-aggregation", SECURE_AGGREGATION_MODES),
+            secagg_clipping_range=_as_float(_get(run_config, "secagg-clipping-range"), "secagg-clipping-range"),
         )
         cfg.simulation_config()  # the core validates rounds, join ratio, device, amp, ...
         return cfg
