@@ -204,17 +204,18 @@ def check_types(values: Mapping[str, Any], rules: Mapping[str, Rule], path: str)
             rule.check(f"{path}.{key}", values[key])
 
 
-_MODEL_OPTION = (Rule("int", low=1), Rule("str"), Rule("list", items=Rule("int", low=1)))
+_MODEL_OPTION = (Rule("int", low=1), Rule("number", above=0), Rule("str"), Rule("list", items=Rule("int", low=1)))
 
 
 def check_model_options(options: Any, path: str) -> None:
-    """Model options are sizes (``feature_dim``), lists of sizes (``widths``) or names (``norm``);
+    """Model options are sizes (``feature_dim``), lists of sizes (``widths``), names (``norm``) or
+    positive scales (the flow generator's ``guidance``);
     which ones a model takes is checked by building it."""
     if not isinstance(options, Mapping):
         raise ConfigurationError(f"`{path}` must be a mapping of model options, got {options!r}.")
     for key, value in options.items():
         if not any(_accepts(rule, value) for rule in _MODEL_OPTION):
-            raise ConfigurationError(f"`{path}.{key}` must be a positive integer, a list of them or a name, got {value!r}.")
+            raise ConfigurationError(f"`{path}.{key}` must be a positive number, a list of positive integers or a name, got {value!r}.")
 
 
 def _accepts(rule: Rule, value: Any) -> bool:

@@ -62,7 +62,8 @@ def test_sampling_with_the_fitted_sampler_is_deterministic_and_adds_the_device_n
     def draw(device: int, batch_size: int) -> torch.Tensor:
         return model.sample([0] * 600, [device] * 600, torch.Generator().manual_seed(7), batch_size=batch_size)
 
-    assert torch.equal(draw(1, 1024), draw(1, 37))  # the batch size never changes a sample
+    # the batch size never changes a sample (up to the convolution kernels' float summation order)
+    assert torch.allclose(draw(1, 1024), draw(1, 37), atol=1e-5)
     noisy, clean = draw(1, 1024), draw(0, 1024)
     assert float(robust_noise_variance(noisy).sqrt().mean()) > 0.03
     assert float(robust_noise_variance(clean).sqrt().mean()) < 0.02

@@ -52,8 +52,9 @@ from ..protocol import ClientData, ClientState, ConfigurationError, DataSpec, Me
 from ..protocol import ServerState, reject_unknown_keys
 from ..simulation import SimulationConfig, run_simulation
 from ..training import make_optimizer, payload_to_state, state_to_payload, weighted_average
+from .flow import ConditionalFlow, flow_matching_loss
 from .generator import RECON_LOSSES, ConditionalVAE, build_generator, vae_loss
-from .sampler import fit_sampler
+from .sampler import fit_flow_noise, fit_sampler
 
 #: Upload entries with the client's per-class and per-device sample counts (row weights).
 CLASS_COUNTS = "__counts__.class"
@@ -90,6 +91,7 @@ class GeneratorTrainingConfig:
     row_weighted_embeddings: bool = True
     fit_latent: bool = False
     device_noise: bool = False
+    cond_dropout: float = 0.0
     model_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +107,7 @@ class GeneratorTrainingConfig:
             (self.recon_loss in RECON_LOSSES, f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got {self.recon_loss!r}."),
             (float(self.obs_sigma) > 0.0, f"obs_sigma must be > 0, got {self.obs_sigma!r}."),
             (float(self.weight_decay) >= 0.0, f"weight_decay must be >= 0, got {self.weight_decay!r}."),
+            (0.0 <= float(self.cond_dropout) < 1.0, f"cond_dropout must be in [0, 1), got {self.cond_dropout!r}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,7 +115,7 @@ class GeneratorTrainingConfig:
         for flag in ("row_weighted_embeddings", "fit_latent", "device_noise"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigurationError(f"synthetic.generator: {flag} must be true or false.")
-        for name in ("lr", "join_ratio", "beta", "obs_sigma", "weight_decay"):
+        for name in ("lr", "join_ratio", "beta", "obs_sigma", "weight_decay", "cond_dropout"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -142,13 +145,23 @@ class FedAvgGenerator(FedAvgExchange):
         self.config = config
         self.spec = spec
         self.num_devices = int(num_devices)
-        self._scratch: ConditionalVAE | None = None
-        build_generator(spec, self.num_devices, seed=0, **config.model_options)  # bad options fail now
+        self._scratch: nn.Module | None = None
+        probe = build_generator(spec, self.num_devices, seed=0, **config.model_options)  # bad options fail now
+        if not isinstance(probe, ConditionalVAE) and config.fit_latent:
+            raise ConfigurationError(
+                "synthetic.generator: fit_latent refits the VAE's latent sampler; the flow_matching generator has no "
+                "latent. Set it to false, or use model_options.architecture: vae."
+            )
+        if isinstance(probe, ConditionalVAE) and config.cond_dropout > 0:
+            raise ConfigurationError(
+                "synthetic.generator: cond_dropout trains the flow_matching generator's unconditional velocity for "
+                "guidance; the VAE has none. Set it to 0, or use model_options.architecture: flow_matching."
+            )
 
-    def new_model(self, seed: int) -> ConditionalVAE:
+    def new_model(self, seed: int) -> nn.Module:
         return build_generator(self.spec, self.num_devices, seed=seed, **self.config.model_options).to(self.device)
 
-    def scratch_model(self) -> ConditionalVAE:
+    def scratch_model(self) -> nn.Module:
         if self._scratch is None or next(self._scratch.parameters()).device != self.device:
             self._scratch = self.new_model(0)
         return self._scratch
@@ -163,28 +176,43 @@ class FedAvgGenerator(FedAvgExchange):
         noise_gen = make_generator(ctx.seed, ctx.round, data.client_id, VAE_NOISE)
         beta = c.beta_at(ctx.round)
         x, y = data.train_x, data.train_y
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums: dict[str, float] = {}
         seen = steps = 0
         for _ in range(c.local_epochs):
             for xb, yb in iterate_batches(x, y, c.batch_size, batches):
                 devices = torch.full_like(yb, int(data.device_id))
-                noise = torch.randn((yb.shape[0], model.latent_dim), generator=noise_gen).to(xb.device)
-                loss, rec, kl = vae_loss(model, xb, yb, devices, noise, beta=beta, recon=c.recon_loss, obs_sigma=c.obs_sigma)
+                loss, parts = self._loss(model, xb, yb, devices, noise_gen, beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 n = int(yb.shape[0])
-                sums += torch.stack([loss.detach(), rec, kl]).double().cpu() * n
+                for key, value in {"loss": loss.detach(), **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * n
                 seen += n
                 steps += 1
-        loss_m, rec_m, kl_m = (sums / max(seen, 1)).tolist()
-        metrics = {"loss": loss_m, "recon": rec_m, "kl": kl_m, "beta": beta, "num_samples": float(seen), "num_steps": float(steps)}
+        metrics = {key: total / max(seen, 1) for key, total in sums.items()}
+        metrics.update({"beta": beta, "num_samples": float(seen), "num_steps": float(steps)})
         upload = state_to_payload(model)
         if c.row_weighted_embeddings:
-            upload[CLASS_COUNTS] = torch.bincount(y.cpu(), minlength=model.num_classes).to(torch.float32)
-            upload[DEVICE_COUNTS] = torch.zeros(model.num_devices, dtype=torch.float32)
+            # the flow's tables end with a "no condition" row that every image may train
+            class_rows, device_rows = model.class_embedding.num_embeddings, model.device_embedding.num_embeddings
+            upload[CLASS_COUNTS] = torch.bincount(y.cpu(), minlength=class_rows).to(torch.float32)
+            upload[DEVICE_COUNTS] = torch.zeros(device_rows, dtype=torch.float32)
             upload[DEVICE_COUNTS][int(data.device_id)] = float(y.shape[0])
+            if class_rows > model.num_classes:
+                upload[CLASS_COUNTS][-1] = upload[DEVICE_COUNTS][-1] = float(y.shape[0])
         return upload, state, metrics
+
+    def _loss(
+        self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, devices: torch.Tensor, noise_gen: torch.Generator, beta: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The architecture's training loss and its logged parts (VAE: recon and KL; flow: none)."""
+        if isinstance(model, ConditionalFlow):
+            return flow_matching_loss(model, xb, yb, devices, noise_gen, self.config.cond_dropout), {}
+        noise = torch.randn((yb.shape[0], model.latent_dim), generator=noise_gen).to(xb.device)
+        c = self.config
+        loss, rec, kl = vae_loss(model, xb, yb, devices, noise, beta=beta, recon=c.recon_loss, obs_sigma=c.obs_sigma)
+        return loss, {"recon": rec, "kl": kl}
 
     def aggregate(
         self, server_state: ServerState, uploads: list[tuple[Payload, int]], ctx: RoundContext
@@ -213,7 +241,7 @@ def _row_weighted_mean(pairs: list[tuple[torch.Tensor, torch.Tensor]], current: 
 class GeneratorTrainingResult:
     """The trained generator and what its training did (JSON-ready ``summary``)."""
 
-    model: ConditionalVAE
+    model: nn.Module
     history: list[dict[str, Any]]
     summary: dict[str, Any]
 
@@ -286,8 +314,11 @@ def train_generator_federated(
     ]
     totals = result.totals()
     model = result.global_model()
-    assert isinstance(model, ConditionalVAE)
-    sampler = fit_sampler(model, clients, config.fit_latent, config.device_noise) if config.fit_latent or config.device_noise else None
+    sampler = None
+    if isinstance(model, ConditionalFlow) and config.device_noise:
+        sampler = fit_flow_noise(model, clients, seed=int(seed))
+    elif config.fit_latent or config.device_noise:
+        sampler = fit_sampler(model, clients, config.fit_latent, config.device_noise)
     summary = {
         "trained": True,
         "rounds": config.rounds,
@@ -309,6 +340,6 @@ def train_generator_federated(
 def _weighted(record: Mapping[str, Any], key: str) -> float | None:
     metrics = record["client_metrics"]
     total = sum(m["num_train"] for m in metrics)
-    if not metrics or total == 0:
+    if not metrics or total == 0 or any(key not in m for m in metrics):
         return None
     return float(sum(m[key] * m["num_train"] for m in metrics) / total)

@@ -65,6 +65,7 @@ __all__ = [
     "build_generator",
     "generator_from_record",
     "generator_record",
+    "ARCHITECTURES",
     "DECODERS",
     "images_to_uint8",
     "state_sha256",
@@ -244,17 +245,20 @@ class ConditionalVAE(nn.Module):
         if not out:
             return torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.float32)
         images = torch.cat(out).float()
-        return images if noise_seed is None else self._add_device_noise(images, devices_t, noise_seed)
+        return images if noise_seed is None else add_device_noise(images, devices_t, self.noise_std.cpu(), noise_seed)
 
-    def _add_device_noise(self, images: torch.Tensor, devices: torch.Tensor, seed: int) -> torch.Tensor:
-        """Sample p(x | z) instead of returning its mean: white Gaussian noise of the
-        device's calibrated std, drawn in fixed chunks so ``batch_size`` never changes it."""
-        noise_gen = torch.Generator().manual_seed(seed)
-        std = self.noise_std.cpu()[devices][:, :, None, None]
-        for i in range(0, images.shape[0], _NOISE_CHUNK):
-            eps = torch.randn(images[i : i + _NOISE_CHUNK].shape, generator=noise_gen)
-            images[i : i + _NOISE_CHUNK] = (images[i : i + _NOISE_CHUNK] + std[i : i + _NOISE_CHUNK] * eps).clamp_(0.0, 1.0)
-        return images
+
+def add_device_noise(images: torch.Tensor, devices: torch.Tensor, noise_std: torch.Tensor, seed: int) -> torch.Tensor:
+    """Sample p(x | mean) instead of returning the mean: white Gaussian noise of each device's
+    calibrated std ``noise_std`` (devices, channels), drawn in fixed chunks so the caller's
+    batch size never changes it; in place, clamped to [0, 1]."""
+    noise_gen = torch.Generator().manual_seed(seed)
+    std = noise_std[devices][:, :, None, None]
+    for i in range(0, images.shape[0], _NOISE_CHUNK):
+        eps = torch.randn(images[i : i + _NOISE_CHUNK].shape, generator=noise_gen)
+        images[i : i + _NOISE_CHUNK] = (images[i : i + _NOISE_CHUNK] + std[i : i + _NOISE_CHUNK] * eps).clamp_(0.0, 1.0)
+    return images
+
 
 
 def vae_loss(
@@ -288,21 +292,33 @@ def vae_loss(
 # Building, saving, hashing
 # ---------------------------------------------------------------------------------------
 
-_OPTION_KEYS = ("latent_dim", "widths", "embed_dim", "decoder")
+#: ``architecture`` option -> the options that architecture takes (besides ``architecture``).
+ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "vae": ("latent_dim", "widths", "embed_dim", "decoder"),
+    "flow_matching": ("widths", "embed_dim", "sample_steps", "guidance"),
+}
+_RECORD_NAMES = {"vae": GENERATOR_ARCHITECTURE, "flow_matching": "conditional_flow"}
 
 
-def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, **options: Any) -> ConditionalVAE:
-    """A ConditionalVAE for ``spec`` and ``num_devices`` devices, on the CPU.
+def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, **options: Any) -> nn.Module:
+    """A generator for ``spec`` and ``num_devices`` devices, on the CPU.
 
-    With ``seed`` the initial weights come from a forked RNG seeded with it (the global
-    RNG is untouched), so the same seed gives bit-identical weights. ``options``:
-    ``latent_dim``, ``widths`` (two ints), ``embed_dim``, ``decoder`` (``transpose``: the
-    first design, ``upsample``: no checkerboard); anything else is an error.
+    ``architecture`` picks it: ``vae`` (the default, ``ConditionalVAE``; options
+    ``latent_dim``, ``widths`` (two ints), ``embed_dim``, ``decoder``: ``transpose`` the first
+    design, ``upsample`` no checkerboard) or ``flow_matching`` (``flow.ConditionalFlow``;
+    options ``widths``, ``embed_dim``, ``sample_steps``, ``guidance``); anything else is an error. With
+    ``seed`` the initial weights come from a forked RNG seeded with it (the global RNG is
+    untouched), so the same seed gives bit-identical weights.
     """
-    unknown = sorted(set(options) - set(_OPTION_KEYS))
-    if unknown:
-        raise ConfigurationError(f"Unknown generator option(s) {unknown}; valid: {', '.join(_OPTION_KEYS)}.")
     opts = dict(options)
+    architecture = opts.pop("architecture", "vae")
+    if architecture not in ARCHITECTURES:
+        raise ConfigurationError(f"generator architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}.")
+    unknown = sorted(set(opts) - set(ARCHITECTURES[architecture]))
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown generator option(s) {unknown} for the {architecture} architecture; valid: {', '.join(ARCHITECTURES[architecture])}."
+        )
 
     def positive_int(value: Any) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
@@ -312,15 +328,24 @@ def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, *
         if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__") or len(widths) != 2 or not all(map(positive_int, widths)):
             raise ConfigurationError(f"generator widths must be two positive integers, got {widths!r}.")
         opts["widths"] = tuple(int(w) for w in widths)
-    for key in ("latent_dim", "embed_dim"):
+    for key in ("latent_dim", "embed_dim", "sample_steps"):
         if key in opts:
             if not positive_int(opts[key]):
                 raise ConfigurationError(f"generator option {key} must be a positive integer, got {opts[key]!r}.")
             opts[key] = int(opts[key])
+    if "guidance" in opts:
+        guidance = opts["guidance"]
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)) or not 0 < float(guidance) < float("inf"):
+            raise ConfigurationError(f"generator option guidance must be a finite number > 0, got {guidance!r}.")
+        opts["guidance"] = float(guidance)
     if "decoder" in opts and opts["decoder"] not in DECODERS:
         raise ConfigurationError(f"generator option decoder must be one of {', '.join(DECODERS)}, got {opts['decoder']!r}.")
 
-    def make() -> ConditionalVAE:
+    def make() -> nn.Module:
+        if architecture == "flow_matching":
+            from .flow import ConditionalFlow  # flow.py builds on this module's FiLM
+
+            return ConditionalFlow(spec.in_channels, spec.num_classes, int(num_devices), spec.image_size, **opts)
         return ConditionalVAE(spec.in_channels, spec.num_classes, int(num_devices), spec.image_size, **opts)
 
     if seed is None:
@@ -329,12 +354,13 @@ def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, *
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = make()
-    recipe_kwargs = {"num_devices": int(num_devices), **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}}
-    model.build_recipe = {"name": GENERATOR_ARCHITECTURE, "spec": asdict(spec), "kwargs": recipe_kwargs}
+    recipe_kwargs = {"num_devices": int(num_devices), "architecture": architecture}
+    recipe_kwargs.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()})
+    model.build_recipe = {"name": _RECORD_NAMES[architecture], "spec": asdict(spec), "kwargs": recipe_kwargs}
     return model
 
 
-def generator_record(model: ConditionalVAE, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def generator_record(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A pickle-free record ``{architecture, spec, kwargs, state_dict}`` (TorchModelDataset's
     format, like ``models.model_record``) plus optional JSON-ready ``extra`` fields."""
     recipe = getattr(model, "build_recipe", None)
@@ -347,11 +373,12 @@ def generator_record(model: ConditionalVAE, extra: dict[str, Any] | None = None)
     return record
 
 
-def generator_from_record(record: dict[str, Any]) -> ConditionalVAE:
+def generator_from_record(record: dict[str, Any]) -> nn.Module:
     """Rebuild a generator saved with ``generator_record`` (eval mode, CPU)."""
-    if record.get("architecture") != GENERATOR_ARCHITECTURE:
+    if record.get("architecture") not in _RECORD_NAMES.values():
         raise ConfigurationError(
-            f"Not a generator record: architecture {record.get('architecture')!r}, expected '{GENERATOR_ARCHITECTURE}'."
+            f"Not a generator record: architecture {record.get('architecture')!r}, expected one of "
+            f"{', '.join(sorted(_RECORD_NAMES.values()))}."
         )
     kwargs = dict(record.get("kwargs", {}))
     num_devices = int(kwargs.pop("num_devices"))
