@@ -48,6 +48,7 @@ def tiny_synthetic_params(**overrides) -> dict:
     """The project's parameters shrunk to seconds: 2 rounds, thin models, 1-epoch quality models."""
     params = yaml.safe_load((ROOT / "conf/base/parameters_synthetic_generation.yml").read_text())
     s = params["synthetic"]
+    s["num_threads"] = 1  # parallel test workers get one thread each
     s["generator"].update(rounds=2, local_epochs=1, batch_size=32, model_options={"latent_dim": 4, "widths": [8, 16], "embed_dim": 4})
     s["plan"].update(max_per_client=30, min_cell_support=3)
     s["quality"].update(encoder_epochs=1, classifier_epochs=1, batch_size=32, model_options={"widths": [4, 8, 8], "feature_dim": 8},

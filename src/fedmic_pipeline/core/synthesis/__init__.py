@@ -1,6 +1,7 @@
 """FedSSG's synthetic samples (methods.md section 2): torch + numpy only, no files or Kedro.
 
-* ``generator``: a (class, device)-conditional VAE with FiLM conditioning;
+* ``generator``: a (class, device)-conditional VAE with FiLM conditioning, and
+  ``build_generator``, which also builds ``flow``'s flow-matching UNet (the sharper option);
 * ``federated``: its FedAvg training through the project's round runner (no real image
   leaves a client);
 * ``plan``: the server's synthesis plan from the clients' class x device count reports,
@@ -9,6 +10,7 @@
   the feature space of an evaluation-only reference encoder.
 """
 
+from .flow import ConditionalFlow, flow_matching_loss
 from .federated import FedAvgGenerator, GeneratorTrainingConfig, GeneratorTrainingResult, train_generator_federated
 from .generator import (
     GENERATOR_ARCHITECTURE,
@@ -35,6 +37,7 @@ from .quality import (
 
 __all__ = [
     "GENERATOR_ARCHITECTURE",
+    "ConditionalFlow",
     "ConditionalVAE",
     "FedAvgGenerator",
     "GeneratorTrainingConfig",
@@ -49,6 +52,7 @@ __all__ = [
     "distribution_metrics",
     "evaluate_quality",
     "extract_features",
+    "flow_matching_loss",
     "frechet_distance",
     "frechet_distance_gaussians",
     "generator_from_record",
