@@ -13,7 +13,8 @@ and down are the same machinery as every classifier method. The runner's evaluat
 hooks assume a classifier, so ``train_generator_federated`` passes no global test set and
 ``evaluate_personalized=False`` (quality is measured separately, by ``quality.py``).
 The round itself is ``algorithms.fedavg.FedAvgExchange`` (the classifiers' FedAvg
-exchange); this module adds only the VAE's local update and the row-weighted embeddings.
+exchange); this module adds only the generator's local update (the VAE's ELBO or the flow's
+velocity regression) and the row-weighted embeddings.
 It is deliberately NOT registered in ``algorithms.ALGORITHMS``: it is not a classification
 method and must not appear in the method comparisons.
 
@@ -53,7 +54,7 @@ from ..protocol import ServerState, reject_unknown_keys
 from ..simulation import SimulationConfig, run_simulation
 from ..training import make_optimizer, payload_to_state, state_to_payload, weighted_average
 from .flow import ConditionalFlow, flow_matching_loss
-from .generator import RECON_LOSSES, ConditionalVAE, build_generator, vae_loss
+from .generator import RECON_LOSSES, ConditionalSampler, ConditionalVAE, build_generator, vae_loss
 from .sampler import fit_flow_noise, fit_sampler
 
 #: Upload entries with the client's per-class and per-device sample counts (row weights).
@@ -136,8 +137,9 @@ class GeneratorTrainingConfig:
 
 
 class FedAvgGenerator(FedAvgExchange):
-    """FedAvg of a ``ConditionalVAE``: FedAvg's exchange (stateless clients, full state_dict
-    down and up) with the VAE's local update and row-weighted embeddings (module docstring)."""
+    """FedAvg of a generator (the VAE or the flow): FedAvg's exchange (stateless clients, full
+    state_dict down and up) with the architecture's local loss and row-weighted embeddings
+    (module docstring)."""
 
     name = "fedavg_generator"
 
@@ -241,7 +243,7 @@ def _row_weighted_mean(pairs: list[tuple[torch.Tensor, torch.Tensor]], current: 
 class GeneratorTrainingResult:
     """The trained generator and what its training did (JSON-ready ``summary``)."""
 
-    model: nn.Module
+    model: ConditionalSampler
     history: list[dict[str, Any]]
     summary: dict[str, Any]
 

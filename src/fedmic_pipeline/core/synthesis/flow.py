@@ -50,13 +50,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..protocol import ConfigurationError
-from .generator import FiLM, add_device_noise
+from .generator import ConditionalSampler, FiLM
 
 __all__ = ["ConditionalFlow", "FLOW_ARCHITECTURE", "flow_matching_loss"]
 
@@ -93,7 +92,7 @@ def _time_features(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-class ConditionalFlow(nn.Module):
+class ConditionalFlow(ConditionalSampler):
     """The (class, device)-conditional velocity UNet described in the module docstring."""
 
     def __init__(
@@ -153,46 +152,14 @@ class ConditionalFlow(nn.Module):
         h = self.up1(torch.cat([F.interpolate(h, size=h1.shape[-2:], mode="nearest"), h1], dim=1), cond)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    @torch.no_grad()
-    def sample(
-        self,
-        classes: torch.Tensor | np.ndarray | list[int],
-        devices: torch.Tensor | np.ndarray | list[int],
-        generator: torch.Generator,
-        temperature: float = 1.0,
-        batch_size: int = 1024,
-    ) -> torch.Tensor:
-        """One image per (class, device) pair: float32 (N, C, H, W) in [0, 1] on the CPU.
+    # -- sampling (generator.ConditionalSampler.sample) --------------------------------------
+    def start_points(self, classes: torch.Tensor, devices: torch.Tensor, generator: torch.Generator, temperature: float) -> torch.Tensor:
+        shape = (classes.numel(), self.in_channels, self.image_size, self.image_size)
+        return torch.randn(shape, generator=generator, dtype=torch.float32) * float(temperature)
 
-        The starting noise of all N rows is drawn from ``generator`` first, then the seed of
-        the device-noise top-up (when fitted); the ODE solver is deterministic, so the result
-        never depends on ``batch_size``. Runs in eval mode and restores the previous mode.
-        """
-        classes_t = torch.as_tensor(np.asarray(classes), dtype=torch.int64).reshape(-1)
-        devices_t = torch.as_tensor(np.asarray(devices), dtype=torch.int64).reshape(-1)
-        if classes_t.shape != devices_t.shape:
-            raise ValueError(f"sample: {classes_t.numel()} classes but {devices_t.numel()} devices.")
-        if classes_t.numel() and (int(classes_t.min()) < 0 or int(classes_t.max()) >= self.num_classes):
-            raise ValueError(f"sample: classes must be in [0, {self.num_classes - 1}].")
-        if devices_t.numel() and (int(devices_t.min()) < 0 or int(devices_t.max()) >= self.num_devices):
-            raise ValueError(f"sample: devices must be in [0, {self.num_devices - 1}].")
-        shape = (classes_t.numel(), self.in_channels, self.image_size, self.image_size)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32) * float(temperature)
-        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if bool(self.noise_std.any()) else None
-        dev = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            out = [
-                self._integrate(noise[i : i + batch_size].to(dev), classes_t[i : i + batch_size].to(dev), devices_t[i : i + batch_size].to(dev)).cpu()
-                for i in range(0, classes_t.numel(), batch_size)
-            ]
-        finally:
-            self.train(was_training)
-        if not out:
-            return torch.zeros(shape, dtype=torch.float32)
-        images = torch.cat(out).float().add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-        return images if noise_seed is None else add_device_noise(images, devices_t, self.noise_std.cpu(), noise_seed)
+    def render(self, start: torch.Tensor, classes: torch.Tensor, devices: torch.Tensor) -> torch.Tensor:
+        """Integrate the ODE from the noise images and map [-1, 1] back to [0, 1]."""
+        return self._integrate(start, classes, devices).add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, classes: torch.Tensor, devices: torch.Tensor) -> torch.Tensor:
         """v_cond, or the guided v_null + w (v_cond - v_null) in one doubled batch."""

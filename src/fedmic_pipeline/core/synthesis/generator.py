@@ -61,6 +61,7 @@ from ..protocol import ConfigurationError, DataSpec
 __all__ = [
     "GENERATOR_ARCHITECTURE",
     "RECON_LOSSES",
+    "ConditionalSampler",
     "ConditionalVAE",
     "build_generator",
     "generator_from_record",
@@ -94,7 +95,69 @@ class FiLM(nn.Module):
         return h * (1.0 + gamma.view(shape)) + beta.view(shape)
 
 
-class ConditionalVAE(nn.Module):
+class ConditionalSampler(nn.Module):
+    """What both generators share when sampling: one image per (class, device) pair.
+
+    A subclass draws its starting points (``start_points``: the VAE's latents, the flow's
+    noise images) and renders a chunk of them (``render``: decode, or integrate the ODE) into
+    images in [0, 1]; it owns ``in_channels``, ``image_size``, ``num_classes``,
+    ``num_devices`` and a ``noise_std`` (devices, channels) buffer (zeros = no top-up).
+    """
+
+    in_channels: int
+    image_size: int
+    num_classes: int
+    num_devices: int
+
+    def start_points(self, classes: torch.Tensor, devices: torch.Tensor, generator: torch.Generator, temperature: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def render(self, start: torch.Tensor, classes: torch.Tensor, devices: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        classes: torch.Tensor | np.ndarray | list[int],
+        devices: torch.Tensor | np.ndarray | list[int],
+        generator: torch.Generator,
+        temperature: float = 1.0,
+        batch_size: int = 1024,
+    ) -> torch.Tensor:
+        """Draw one image per (class, device) pair: float32 (N, C, H, W) in [0, 1] on the CPU.
+
+        The starting points of all N rows are drawn from ``generator`` (a CPU generator)
+        first, then the seed of the device-noise top-up (when fitted), so the result depends
+        only on the generator's state and the pairs, never on ``batch_size``. Runs in eval
+        mode and restores the previous mode.
+        """
+        classes_t = torch.as_tensor(np.asarray(classes), dtype=torch.int64).reshape(-1)
+        devices_t = torch.as_tensor(np.asarray(devices), dtype=torch.int64).reshape(-1)
+        if classes_t.shape != devices_t.shape:
+            raise ValueError(f"sample: {classes_t.numel()} classes but {devices_t.numel()} devices.")
+        if classes_t.numel() and (int(classes_t.min()) < 0 or int(classes_t.max()) >= self.num_classes):
+            raise ValueError(f"sample: classes must be in [0, {self.num_classes - 1}].")
+        if devices_t.numel() and (int(devices_t.min()) < 0 or int(devices_t.max()) >= self.num_devices):
+            raise ValueError(f"sample: devices must be in [0, {self.num_devices - 1}].")
+        start = self.start_points(classes_t, devices_t, generator, temperature)
+        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if bool(self.noise_std.any()) else None
+        dev = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            out = [
+                self.render(start[i : i + batch_size].to(dev), classes_t[i : i + batch_size].to(dev), devices_t[i : i + batch_size].to(dev)).cpu()
+                for i in range(0, classes_t.numel(), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.float32)
+        images = torch.cat(out).float()
+        return images if noise_seed is None else add_device_noise(images, devices_t, self.noise_std.cpu(), noise_seed)
+
+
+class ConditionalVAE(ConditionalSampler):
     """The (class, device)-conditional VAE described in the module docstring."""
 
     def __init__(
@@ -201,51 +264,19 @@ class ConditionalVAE(nn.Module):
         z = mu + noise * torch.exp(0.5 * logvar)
         return self.decode_logits(z, cond), mu, logvar
 
-    # -- sampling -------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self,
-        classes: torch.Tensor | np.ndarray | list[int],
-        devices: torch.Tensor | np.ndarray | list[int],
-        generator: torch.Generator,
-        temperature: float = 1.0,
-        batch_size: int = 1024,
-    ) -> torch.Tensor:
-        """Draw one image per (class, device) pair: float32 (N, C, H, W) in [0, 1] on the CPU.
-
-        z ~ N(0, temperature^2 I) is drawn from ``generator`` (a CPU generator) for all N
-        rows first, so the result depends only on the generator's state and the pairs,
-        never on ``batch_size``. Runs in eval mode and restores the previous mode.
-        """
-        classes_t = torch.as_tensor(np.asarray(classes), dtype=torch.int64).reshape(-1)
-        devices_t = torch.as_tensor(np.asarray(devices), dtype=torch.int64).reshape(-1)
-        if classes_t.shape != devices_t.shape:
-            raise ValueError(f"sample: {classes_t.numel()} classes but {devices_t.numel()} devices.")
-        if classes_t.numel() and (int(classes_t.min()) < 0 or int(classes_t.max()) >= self.num_classes):
-            raise ValueError(f"sample: classes must be in [0, {self.num_classes - 1}].")
-        if devices_t.numel() and (int(devices_t.min()) < 0 or int(devices_t.max()) >= self.num_devices):
-            raise ValueError(f"sample: devices must be in [0, {self.num_devices - 1}].")
-        z = torch.randn((classes_t.numel(), self.latent_dim), generator=generator, dtype=torch.float32) * float(temperature)
-        if classes_t.numel() and bool(self.latent_fitted.any()):
-            fitted = self.latent_fitted.cpu()[classes_t, devices_t] > 0
-            mean = self.latent_mean.cpu()[classes_t, devices_t]
-            scale = self.latent_scale.cpu()[classes_t, devices_t]
+    # -- sampling (ConditionalSampler.sample) ------------------------------------------------
+    def start_points(self, classes: torch.Tensor, devices: torch.Tensor, generator: torch.Generator, temperature: float) -> torch.Tensor:
+        """z ~ N(0, temperature^2 I), moved into the fitted (class, device) Gaussians where fitted."""
+        z = torch.randn((classes.numel(), self.latent_dim), generator=generator, dtype=torch.float32) * float(temperature)
+        if classes.numel() and bool(self.latent_fitted.any()):
+            fitted = self.latent_fitted.cpu()[classes, devices] > 0
+            mean = self.latent_mean.cpu()[classes, devices]
+            scale = self.latent_scale.cpu()[classes, devices]
             z = torch.where(fitted[:, None], mean + torch.einsum("nij,nj->ni", scale, z), z)
-        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if bool(self.noise_std.any()) else None
-        dev = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            out = [
-                self.decode(z[i : i + batch_size].to(dev), self.condition(classes_t[i : i + batch_size].to(dev), devices_t[i : i + batch_size].to(dev))).cpu()
-                for i in range(0, classes_t.numel(), batch_size)
-            ]
-        finally:
-            self.train(was_training)
-        if not out:
-            return torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.float32)
-        images = torch.cat(out).float()
-        return images if noise_seed is None else add_device_noise(images, devices_t, self.noise_std.cpu(), noise_seed)
+        return z
+
+    def render(self, start: torch.Tensor, classes: torch.Tensor, devices: torch.Tensor) -> torch.Tensor:
+        return self.decode(start, self.condition(classes, devices))
 
 
 def add_device_noise(images: torch.Tensor, devices: torch.Tensor, noise_std: torch.Tensor, seed: int) -> torch.Tensor:
@@ -300,7 +331,7 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 _RECORD_NAMES = {"vae": GENERATOR_ARCHITECTURE, "flow_matching": "conditional_flow"}
 
 
-def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, **options: Any) -> nn.Module:
+def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, **options: Any) -> ConditionalSampler:
     """A generator for ``spec`` and ``num_devices`` devices, on the CPU.
 
     ``architecture`` picks it: ``vae`` (the default, ``ConditionalVAE``; options
@@ -341,7 +372,7 @@ def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, *
     if "decoder" in opts and opts["decoder"] not in DECODERS:
         raise ConfigurationError(f"generator option decoder must be one of {', '.join(DECODERS)}, got {opts['decoder']!r}.")
 
-    def make() -> nn.Module:
+    def make() -> ConditionalSampler:
         if architecture == "flow_matching":
             from .flow import ConditionalFlow  # flow.py builds on this module's FiLM
 
@@ -373,7 +404,7 @@ def generator_record(model: nn.Module, extra: dict[str, Any] | None = None) -> d
     return record
 
 
-def generator_from_record(record: dict[str, Any]) -> nn.Module:
+def generator_from_record(record: dict[str, Any]) -> ConditionalSampler:
     """Rebuild a generator saved with ``generator_record`` (eval mode, CPU)."""
     if record.get("architecture") not in _RECORD_NAMES.values():
         raise ConfigurationError(

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..data import make_generator
 from ..protocol import ConfigurationError, reject_unknown_keys
-from .generator import ConditionalVAE, images_to_uint8
+from .generator import ConditionalSampler, images_to_uint8
 
 __all__ = [
     "SAMPLING_STREAM",
@@ -291,7 +291,7 @@ def compute_plan(
 
 
 def sample_plan(
-    generator_model: ConditionalVAE,
+    generator_model: ConditionalSampler,
     plan: SynthesisPlan,
     seed: int,
     layout_ndim: int,

@@ -61,7 +61,7 @@ from ..evaluation import per_class_recall
 from ..models import build_model
 from ..protocol import ConfigurationError, DataSpec, RoundContext, reject_unknown_keys
 from ..training import make_optimizer, train_local
-from .generator import ConditionalVAE, images_to_uint8
+from .generator import ConditionalSampler, images_to_uint8
 
 __all__ = [
     "QualityConfig",
@@ -329,7 +329,7 @@ def _accuracy_block(model: nn.Module, tests: Mapping[int, tuple[torch.Tensor, to
 
 
 def _synthetic_mirror(
-    generator_model: ConditionalVAE, classes: np.ndarray, devices: np.ndarray, seed: int, temperature: float, layout_ndim: int
+    generator_model: ConditionalSampler, classes: np.ndarray, devices: np.ndarray, seed: int, temperature: float, layout_ndim: int
 ) -> torch.Tensor:
     """Generator samples with the same (class, device) labels as the given rows, passed
     through the same uint8 quantisation as the shipped synthetic sets."""
@@ -340,7 +340,7 @@ def _synthetic_mirror(
 
 
 def evaluate_quality(
-    generator_model: ConditionalVAE,
+    generator_model: ConditionalSampler,
     real_train: tuple[torch.Tensor, np.ndarray, np.ndarray],
     real_test: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     num_classes: int,

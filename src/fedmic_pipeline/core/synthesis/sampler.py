@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..protocol import ClientData
-from .generator import ConditionalVAE
+from .generator import ConditionalSampler, ConditionalVAE
 
 __all__ = ["client_sampler_statistics", "fit_flow_noise", "fit_sampler", "robust_noise_variance"]
 
@@ -131,7 +130,7 @@ def fit_sampler(
 
 
 @torch.no_grad()
-def fit_flow_noise(model: nn.Module, clients: Sequence[ClientData], seed: int, per_device: int = 128) -> dict[str, Any]:
+def fit_flow_noise(model: ConditionalSampler, clients: Sequence[ClientData], seed: int, per_device: int = 128) -> dict[str, Any]:
     """Device noise for the flow generator: the white noise its samples lack, per device.
 
     Each hospital uploads, per channel, the sum of the robust noise variance of its real
