@@ -28,10 +28,10 @@ from fedmic_pipeline.core.synthesis import (
     GeneratorTrainingConfig,
     PlanConfig,
     QualityConfig,
+    QualityRuler,
     SynthesisPlan,
     client_count_matrix,
     compute_plan,
-    evaluate_quality,
     generator_from_record,
     generator_record,
     images_to_uint8,
@@ -138,7 +138,8 @@ def _spec(clients: Mapping[str, Mapping[str, np.ndarray]], n_classes: int) -> tu
     return DataSpec(in_channels=channels, num_classes=n_classes, image_size=int(first.shape[1])), first.ndim
 
 
-def _client_data(clients: Mapping[str, Mapping[str, np.ndarray]]) -> list[ClientData]:
+def client_data(clients: Mapping[str, Mapping[str, np.ndarray]]) -> list[ClientData]:
+    """The core's clients, in name order, each carrying its imaging device."""
     out = []
     for index, (_, arrays) in enumerate(sorted(clients.items())):
         data = to_client_data(arrays, client_id=index)
@@ -176,7 +177,7 @@ def train_generator(clients: Clients, manifest: Mapping[str, Any], synthetic: Ma
         logger.info("synthetic.enabled is false: recording the untrained generator, no federated rounds")
     start = time.perf_counter()
     result = train_generator_federated(
-        _client_data(arrays), spec, len(names), config, int(synthetic["seed"]),
+        client_data(arrays), spec, len(names), config, int(synthetic["seed"]),
         held_out_device=held, device=str(synthetic.get("device", "cpu")), num_threads=threads,
     )  # fmt: skip
     sha = state_sha256(result.model)
@@ -303,38 +304,60 @@ def _float_images(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
 
 
+def quality_ruler(
+    clients: Clients, manifest: Mapping[str, Any], synthetic: Mapping[str, Any], global_test_set: Mapping[str, np.ndarray] | None
+) -> tuple[QualityRuler, int]:
+    """The generator-independent half of the quality step on this partition (and the image
+    layout): encoder, real features and references ``validation`` (the hospitals' local
+    validation splits pooled per device) and ``test`` (the global test set per device;
+    left out when ``global_test_set`` is None, as when choosing settings)."""
+    names, held = _devices(manifest)
+    n_classes = _n_classes(manifest)
+    arrays = _load_clients(clients)
+    _, layout = _spec(arrays, n_classes)
+
+    def labels(a: Arrays, split: str) -> np.ndarray:
+        return np.asarray(a[f"{split}_labels"]).reshape(-1).astype(np.int64)
+
+    x_train = _float_images(np.concatenate([a["train_images"] for a in arrays.values()]))
+    c_train = np.concatenate([labels(a, "train") for a in arrays.values()])
+    d_train = np.concatenate([np.full(labels(a, "train").size, _device_of(a)) for a in arrays.values()])
+    validation = {}
+    for d in sorted({_device_of(a) for a in arrays.values()}):
+        own = [a for a in arrays.values() if _device_of(a) == d and "val_images" in a and labels(a, "val").size]
+        if own:
+            validation[d] = (_float_images(np.concatenate([a["val_images"] for a in own])),
+                             torch.from_numpy(np.concatenate([labels(a, "val") for a in own])))  # fmt: skip
+    references = {"validation": validation}
+    if global_test_set is not None:
+        y_test = torch.from_numpy(np.asarray(global_test_set["labels"]).reshape(-1).astype(np.int64))
+        references["test"] = {}
+        for d, name in enumerate(names):
+            key = f"images_{name}"
+            if key not in global_test_set:
+                raise ConfigurationError(f"global_test_set lacks '{key}'; re-run the data_partition pipeline.")
+            references["test"][d] = (_float_images(global_test_set[key]), y_test)
+    config = QualityConfig.from_params(synthetic.get("quality", {}))
+    ruler = QualityRuler((x_train, c_train, d_train), references, n_classes, len(names), held, config, int(synthetic["seed"]))
+    return ruler, layout
+
+
 def measure_quality(
     generator: Mapping[str, Any], clients: Clients, global_test_set: Mapping[str, np.ndarray],
     manifest: Mapping[str, Any], synthetic: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """FD, MMD, k-NN precision/recall and CAS (see core/synthesis/quality.py) as JSON, with
-    device and class names; ``{"enabled": False, ...}`` when no generator was trained."""
+    """FD, MMD, k-NN precision/recall and CAS (see core/synthesis/quality.py) against the
+    validation and the test reference, as JSON with device and class names;
+    ``{"enabled": False, ...}`` when no generator was trained."""
     _check_params(synthetic)
     _threads(synthetic)
     names, held = _devices(manifest)
-    n_classes = _n_classes(manifest)
-    class_names = _class_names(manifest, n_classes)
+    class_names = _class_names(manifest, _n_classes(manifest))
     if not synthetic["enabled"] or not generator.get("trained", False):
         return {"enabled": False, "reason": "synthetic.enabled is false: no generator was trained"}
-    arrays = _load_clients(clients)
-    _, layout = _spec(arrays, n_classes)
-    x_train = _float_images(np.concatenate([a["train_images"] for a in arrays.values()]))
-    c_train = np.concatenate([np.asarray(a["train_labels"]).reshape(-1) for a in arrays.values()]).astype(np.int64)
-    d_train = np.concatenate([np.full(np.asarray(a["train_labels"]).size, _device_of(a)) for a in arrays.values()])
-    y_test = torch.from_numpy(np.asarray(global_test_set["labels"]).reshape(-1).astype(np.int64))
-    tests = {}
-    for d, name in enumerate(names):
-        key = f"images_{name}"
-        if key not in global_test_set:
-            raise ConfigurationError(f"global_test_set lacks '{key}'; re-run the data_partition pipeline.")
-        tests[d] = (_float_images(global_test_set[key]), y_test)
     start = time.perf_counter()
-    config = QualityConfig.from_params(synthetic.get("quality", {}))
-    raw = evaluate_quality(
-        generator_from_record(generator), (x_train, c_train, d_train), tests, n_classes, len(names), held,
-        config, int(synthetic["seed"]), layout_ndim=layout,
-    )  # fmt: skip
-    result = _name_devices(raw, names, class_names)
+    ruler, layout = quality_ruler(clients, manifest, synthetic, global_test_set)
+    result = name_devices(ruler.score(generator_from_record(generator), layout), names, class_names)
     result.update({
         "enabled": True,
         "generator_sha256": generator["sha256"],
@@ -349,23 +372,23 @@ def measure_quality(
     return result
 
 
-def _name_devices(raw: dict[str, Any], names: list[str], class_names: list[str]) -> dict[str, Any]:
-    """Device ids -> names in the JSON (ids kept beside them)."""
+def name_devices(raw: Mapping[str, Any], names: list[str], class_names: list[str]) -> dict[str, Any]:
+    """Device ids -> names in a ``QualityRuler.score`` result (ids kept beside them)."""
     out = dict(raw)
-    dist = dict(raw["distribution"])
-    for key in ("cells", "by_device"):
-        dist[key] = [{**e, "device_name": names[e["device"]]} for e in dist[key]]
-    dist["cells"] = [{**e, "class_name": class_names[e["class_id"]]} for e in dist["cells"]]
-    dist["by_class"] = [{**e, "class_name": class_names[e["class_id"]]} for e in dist["by_class"]]
-    out["distribution"] = dist
-    cas = dict(raw["cas"])
-    for key in ("trained_on_synthetic", "trained_on_real"):
-        cas[key] = {names[d]: v for d, v in cas[key].items()}
-    cas["held_out_device"] = None if raw["cas"]["held_out_device"] is None else names[raw["cas"]["held_out_device"]]
-    out["cas"] = cas
+    out["references"] = {}
+    for ref, block in raw["references"].items():
+        dist = dict(block["distribution"])
+        for key in ("cells", "by_device"):
+            dist[key] = [{**e, "device_name": names[e["device"]]} for e in dist[key]]
+        dist["cells"] = [{**e, "class_name": class_names[e["class_id"]]} for e in dist["cells"]]
+        dist["by_class"] = [{**e, "class_name": class_names[e["class_id"]]} for e in dist["by_class"]]
+        cas = dict(block["cas"])
+        for key in ("trained_on_synthetic", "trained_on_real"):
+            cas[key] = {names[d]: v for d, v in cas[key].items()}
+        cas["held_out_device"] = None if block["cas"]["held_out_device"] is None else names[block["cas"]["held_out_device"]]
+        out["references"][ref] = {"distribution": dist, "cas": cas}
     enc = dict(raw["encoder"])
-    for key in ("test_joint_accuracy_by_device", "test_device_accuracy_by_device"):
-        enc[key] = {names[d]: v for d, v in enc[key].items()}
+    enc["accuracy"] = {ref: {k: {names[d]: v for d, v in by.items()} for k, by in acc.items()} for ref, acc in raw["encoder"]["accuracy"].items()}
     out["encoder"] = enc
     return out
 

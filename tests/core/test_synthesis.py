@@ -19,6 +19,7 @@ from fedmic_pipeline.core.synthesis import (
     PlanCell,
     PlanConfig,
     QualityConfig,
+    QualityRuler,
     SynthesisPlan,
     build_generator,
     client_count_matrix,
@@ -395,15 +396,56 @@ def test_evaluate_quality_reports_every_scope(client_arrays):
     tests = {d: (torch.from_numpy(_images(test_labels, d, rng)[:, None]).float() / 255, torch.from_numpy(test_labels)) for d in range(N_DEVICES)}
     q = QualityConfig(encoder_epochs=1, classifier_epochs=1, batch_size=16, model_options={"widths": (4, 8, 8), "feature_dim": 8},
                       min_per_cell=4, knn_k=(3,))  # fmt: skip
-    result = evaluate_quality(model, (x, classes, devices), tests, 3, N_DEVICES, HELD_OUT, q, seed=0)
-    cells = result["distribution"]["cells"]
+    validation = {d: (x_d[:20], y_d[:20]) for d, (x_d, y_d) in tests.items() if d != HELD_OUT}
+    result = evaluate_quality(model, (x, classes, devices), {"validation": validation, "test": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0)
+    cells = result["references"]["test"]["distribution"]["cells"]
     assert {(e["class_id"], e["device"]) for e in cells} == {(c, d) for c in range(3) for d in range(3)}
-    measured = [e for e in cells if "synthetic_vs_test" in e]
+    measured = [e for e in cells if "synthetic" in e]
     skipped = [e for e in cells if "skipped" in e]
     assert measured and all(e["n_real_train"] < 4 for e in skipped)
     for e in measured:
-        assert e["synthetic_vs_test"]["n_fake"] == e["real_train_vs_test"]["n_fake"] == e["n_real_train"]
-    assert result["distribution"]["overall"]["synthetic_vs_test"]["fd"] >= 0
-    assert set(result["cas"]["trained_on_synthetic"]) == set(range(N_DEVICES))
-    assert result["cas"]["trained_on_synthetic_held_out_device"] is not None
-    assert HELD_OUT not in result["encoder"]["test_joint_accuracy_by_device"]
+        assert e["synthetic"]["n_fake"] == e["real_train"]["n_fake"] == e["n_real_train"]
+    assert result["references"]["test"]["distribution"]["overall"]["synthetic"]["fd"] >= 0
+    cas = result["references"]["test"]["cas"]
+    assert set(cas["trained_on_synthetic"]) == set(range(N_DEVICES))
+    assert cas["trained_on_synthetic_held_out_device"] is not None
+    assert HELD_OUT not in result["encoder"]["accuracy"]["test"]["joint_by_device"]
+    # the validation reference has no held-out device: no unseen-device CAS to choose on
+    assert HELD_OUT not in result["references"]["validation"]["cas"]["trained_on_synthetic"]
+    assert result["summary"]["validation"]["cas_held_out"] is None
+
+
+class _ReplaySampler:
+    """A known distribution: "samples" that are exactly the real training images, in order."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def sample(self, classes, devices, generator, temperature=1.0):
+        assert len(classes) == self.images.shape[0]
+        return self.images.clone()
+
+
+def test_quality_ruler_scores_generators_against_one_fixed_real_side(client_arrays):
+    """The real side (encoder, features, real-trained CAS, draws) is fitted once and lines up
+    row by row with the synthetic mirror: a sampler that replays the real training images
+    scores exactly the real-train floor in every cell, and an untrained generator scores
+    worse, while its real_train numbers stay those of the first call."""
+    clients = _clients(client_arrays)
+    untrained = build_generator(SPEC, N_DEVICES, seed=0, **TINY).eval()
+    x = torch.cat([c.train_x for c in clients])
+    classes = torch.cat([c.train_y for c in clients]).numpy()
+    devices = np.concatenate([np.full(c.num_train, c.device_id) for c in clients])
+    rng = np.random.default_rng(9)
+    test_labels = np.repeat(np.arange(3), 12)
+    tests = {d: (torch.from_numpy(_images(test_labels, d, rng)[:, None]).float() / 255, torch.from_numpy(test_labels)) for d in range(N_DEVICES)}
+    q = QualityConfig(encoder_epochs=1, classifier_epochs=1, batch_size=16, model_options={"widths": (4, 8, 8), "feature_dim": 8},
+                      min_per_cell=4, knn_k=(3,))  # fmt: skip
+    ruler = QualityRuler((x, classes, devices), {"test": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0)
+    replay, bad = ruler.score(_ReplaySampler(x)), ruler.score(untrained)
+    cells = [e for e in replay["references"]["test"]["distribution"]["cells"] if "synthetic" in e]
+    assert cells and all(e["synthetic"] == e["real_train"] for e in cells)
+    assert replay["summary"]["test"]["fd_ratio"] == pytest.approx(1.0)
+    assert replay["references"]["test"]["cas"]["trained_on_synthetic"] == replay["references"]["test"]["cas"]["trained_on_real"]
+    assert bad["references"]["test"]["distribution"]["overall"]["real_train"] == replay["references"]["test"]["distribution"]["overall"]["real_train"]
+    assert bad["summary"]["test"]["fd"] > replay["summary"]["test"]["fd"]

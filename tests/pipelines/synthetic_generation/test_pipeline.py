@@ -133,10 +133,17 @@ def test_quality_and_grid_nodes(partition, generated):
     result, table, markdown = nodes.evaluate_synthetic_quality(record, loaders(clients), global_test, manifest, synthetic)
     assert result["enabled"] is True and result["held_out_device"] == manifest["held_out_device"]
     assert "Inception" in result["reference_encoder_note"]
-    assert set(result["cas"]["trained_on_synthetic"]) == set(manifest["devices"])
+    test, validation = result["references"]["test"], result["references"]["validation"]
+    assert set(test["cas"]["trained_on_synthetic"]) == set(manifest["devices"])
+    # the hospitals' validation splits: every training device, never the held-out one
+    trained = {manifest["devices"][d["device_id"]] for d in manifest["client_devices"].values()}
+    assert set(validation["cas"]["trained_on_synthetic"]) == trained
+    assert manifest["held_out_device"] not in trained
+    assert set(result["summary"]) == {"validation", "test"} and result["summary"]["validation"]["cas_held_out"] is None
+    assert set(table["reference"]) == {"validation", "test"}
     assert {"distribution", "cas"} <= set(table["section"])
     assert {"fd", "mmd2", "precision_k3", "recall_k5"} <= set(table.loc[table.section == "distribution", "metric"])
-    assert "| scope |" in markdown and "CAS" in markdown
+    assert "| scope |" in markdown and "CAS" in markdown and "Against the validation reference" in markdown
     json.dumps(result)
     figure = nodes.plot_synthetic_grid(record, global_test, manifest, synthetic)
     assert isinstance(figure, Figure)
@@ -244,7 +251,7 @@ def test_kedro_run_writes_gated_sets_reports_and_grid(partition, tmp_path, monke
     quality = json.loads((project / "data/08_reporting/synthetic/quality.json").read_text())
     assert quality["enabled"] is True and quality["generator_sha256"] == manifest["generator"]["sha256"]
     assert (project / "data/08_reporting/synthetic/quality.md").read_text().startswith("# Synthetic sample quality")
-    assert (project / "data/08_reporting/synthetic/quality_table.csv").read_text().startswith("section,scope")
+    assert (project / "data/08_reporting/synthetic/quality_table.csv").read_text().startswith("reference,section,scope")
     assert (project / "data/08_reporting/synthetic/sample_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (project / "data/05_model_input/synthetic_generator.pt").is_file()
 

@@ -6,8 +6,9 @@
   leaves a client);
 * ``plan``: the server's synthesis plan from the clients' class x device count reports,
   and sampling it into per-client synthetic sets;
-* ``quality``: FD, MMD, k-NN precision/recall and the classification accuracy score in
-  the feature space of an evaluation-only reference encoder.
+* ``quality``: FD, MMD, k-NN precision/recall (their formulas: ``distances``) and the
+  classification accuracy score in the feature space of an evaluation-only reference
+  encoder, against the hospitals' validation splits and the global test set.
 """
 
 from .flow import ConditionalFlow, flow_matching_loss
@@ -23,17 +24,15 @@ from .generator import (
     vae_loss,
 )
 from .plan import PlanCell, PlanConfig, SynthesisPlan, client_count_matrix, compute_plan, pooled_counts, sample_plan
-from .quality import (
-    QualityConfig,
+from .distances import (
     distribution_metrics,
-    evaluate_quality,
-    extract_features,
     frechet_distance,
     frechet_distance_gaussians,
     knn_precision_recall,
     median_bandwidth,
     mmd_rbf,
 )
+from .quality import QualityConfig, QualityRuler, evaluate_quality, extract_features
 
 __all__ = [
     "GENERATOR_ARCHITECTURE",
@@ -45,6 +44,7 @@ __all__ = [
     "PlanCell",
     "PlanConfig",
     "QualityConfig",
+    "QualityRuler",
     "SynthesisPlan",
     "build_generator",
     "client_count_matrix",

@@ -29,19 +29,24 @@ Metrics, each per (class, device) cell, per class (pooled over devices), per dev
   nearest real neighbour (self excluded); precision = fraction of synthetic points inside
   it; recall = the same with the roles swapped.
 * Classification accuracy score (CAS, Ravuri & Vinyals 2019): a student CNN trained on
-  synthetic images only, tested on the real global test set as rendered by every device
-  (the held-out device included: the unseen-device accuracy), with per-class recall;
+  synthetic images only, tested on each reference's real images of every device it has
+  (the test set's held-out device: the unseen-device accuracy), with per-class recall;
   beside it the same student recipe trained on the real pooled training data.
 
-Which sets are compared (the reference scale): the real side is the global TEST set of
-class c rendered by device d (held-out real data). The synthetic set of a cell has as
-many images as the real training data of that cell (capped at ``max_per_cell``), drawn
-from the generator. The same metrics between the real TRAIN data of the cell and the same
-test images are reported beside, as the floor a perfect generator would reach with that
-sample size (FD and MMD are biased by sample size, so only same-size comparisons are
-meaningful). MMD and k-NN metrics use at most ``max_metric_samples`` points per side
-(seeded subsample), FD uses all. Pooled scopes (per class, per device, overall) take the
-same number of images from both sides of every cell, so their mixtures over cells match.
+Which sets are compared (the reference scale): the real side is a held-out set of class c
+rendered by device d. Two references, each reported on its own: ``validation`` (the
+hospitals' local validation splits pooled per device; the held-out device has none) is
+the one to choose generators and sampling settings on, ``test`` (the global test set
+rendered by every device, the held-out one included) the final report, looked at once.
+The synthetic set of a cell has as many images as the real training data of that cell
+(capped at ``max_per_cell``), drawn from the generator. The same metrics between the real
+TRAIN data of the cell and the same reference images are reported beside, as the floor a
+perfect generator would reach with that sample size (FD and MMD are biased by sample
+size, so only same-size comparisons are meaningful). MMD and k-NN metrics use at most
+``max_metric_samples`` points per side (seeded subsample), FD uses all. Pooled scopes
+(per class, per device, overall) take the same number of images from both sides of every
+cell, so their mixtures over cells match. ``QualityRuler`` computes everything that does
+not depend on the generator once.
 """
 
 from __future__ import annotations
@@ -61,28 +66,25 @@ from ..evaluation import per_class_recall
 from ..models import build_model
 from ..protocol import ConfigurationError, DataSpec, RoundContext, reject_unknown_keys
 from ..training import make_optimizer, train_local
+from .distances import SUBSAMPLE_STREAM, distribution_metrics
 from .generator import ConditionalSampler, images_to_uint8
 
 __all__ = [
     "QualityConfig",
-    "distribution_metrics",
+    "QualityRuler",
     "evaluate_quality",
     "extract_features",
-    "frechet_distance",
-    "frechet_distance_gaussians",
-    "knn_precision_recall",
-    "median_bandwidth",
-    "mmd_rbf",
     "recalibrate_batchnorm",
     "train_classifier",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Random-stream tags of the quality step (subsamples, synthetic draws, model training).
+#: Random-stream tags of the quality step (synthetic draws, model training; the metric
+#: subsamples use distances.SUBSAMPLE_STREAM).
 #: Both CAS students (synthetic-trained and real-trained) use the _CAS stream: same initial
 #: weights and batch-order stream, so only the training images differ.
-_SUBSAMPLE, _SYNTH_DRAW, _ENCODER, _CAS = 31, 32, 33, 34
+_SYNTH_DRAW, _ENCODER, _CAS = 32, 33, 34
 
 
 @dataclass(frozen=True)
@@ -135,111 +137,6 @@ class QualityConfig:
         out["knn_k"] = list(self.knn_k)
         out["model_options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.model_options).items()}
         return out
-
-
-# ---------------------------------------------------------------------------------------
-# Distances between feature sets (numpy float64)
-# ---------------------------------------------------------------------------------------
-
-
-def _as_features(a: Any, name: str) -> np.ndarray:
-    x = np.asarray(a, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (n, dim) feature array, got shape {x.shape}.")
-    return x
-
-
-def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) / 2.0)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance_gaussians(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """FD between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring)."""
-    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
-    root1 = _sqrtm_psd(s1)
-    middle = root1 @ s2 @ root1
-    eig = np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)
-    value = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * np.sum(np.sqrt(eig)))
-    return max(value, 0.0)
-
-
-def frechet_distance(a: Any, b: Any) -> float:
-    """FD between Gaussians fitted (mean, unbiased covariance) to feature sets ``a`` and ``b``."""
-    x, y = _as_features(a, "a"), _as_features(b, "b")
-    if x.shape[0] < 2 or y.shape[0] < 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"frechet_distance needs two sets of >= 2 points of equal dimension, got {x.shape}, {y.shape}.")
-    return frechet_distance_gaussians(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-
-
-def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    return torch.cdist(tx, ty, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
-
-
-def median_bandwidth(a: Any, b: Any) -> float:
-    """The median heuristic: median pairwise Euclidean distance of the pooled sample
-    (distinct pairs only); 1.0 when every distance is 0."""
-    pooled = np.concatenate([_as_features(a, "a"), _as_features(b, "b")])
-    d2 = _sq_dists(pooled, pooled)
-    iu = np.triu_indices(pooled.shape[0], k=1)
-    med = float(np.sqrt(np.median(d2[iu]))) if iu[0].size else 0.0
-    return med if med > 0 else 1.0
-
-
-def mmd_rbf(a: Any, b: Any, bandwidth: float | None = None) -> tuple[float, float]:
-    """(unbiased MMD^2, bandwidth) with an RBF kernel; bandwidth by the median heuristic
-    unless given."""
-    x, y = _as_features(a, "a"), _as_features(b, "b")
-    m, n = x.shape[0], y.shape[0]
-    if m < 2 or n < 2:
-        raise ValueError(f"mmd_rbf needs >= 2 points per set, got {m}, {n}.")
-    s = float(bandwidth) if bandwidth is not None else median_bandwidth(x, y)
-    gamma = 1.0 / (2.0 * s * s)
-    kxx, kyy, kxy = (np.exp(-gamma * _sq_dists(p, q)) for p, q in ((x, x), (y, y), (x, y)))
-    term_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    term_y = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-    return float(term_x + term_y - 2.0 * kxy.mean()), s
-
-
-def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
-    d = np.sqrt(_sq_dists(x, x))
-    np.fill_diagonal(d, np.inf)
-    return np.partition(d, k - 1, axis=1)[:, k - 1]
-
-
-def knn_precision_recall(real: Any, fake: Any, k: int = 3) -> tuple[float, float]:
-    """(precision, recall) of Kynkaanniemi et al. 2019 with k-NN radii (self excluded)."""
-    r, f = _as_features(real, "real"), _as_features(fake, "fake")
-    if r.shape[0] <= k or f.shape[0] <= k:
-        raise ValueError(f"knn_precision_recall with k={k} needs more than k points per set, got {r.shape[0]}, {f.shape[0]}.")
-    cross = np.sqrt(_sq_dists(f, r))  # (n_fake, n_real)
-    precision = float(np.mean((cross <= _kth_radius(r, k)[None, :]).any(axis=1)))
-    recall = float(np.mean((cross <= _kth_radius(f, k)[:, None]).any(axis=0)))
-    return precision, recall
-
-
-def _subsample(x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
-    if x.shape[0] <= limit:
-        return x
-    return x[np.sort(rng.choice(x.shape[0], size=limit, replace=False))]
-
-
-def distribution_metrics(
-    real: np.ndarray, fake: np.ndarray, knn_k: Sequence[int] = (3, 5), max_samples: int = 1000, seed: int = 0
-) -> dict[str, Any]:
-    """FD, MMD^2 (median heuristic), k-NN precision/recall for each k, and the set sizes."""
-    rng = np.random.default_rng([seed, _SUBSAMPLE])
-    out: dict[str, Any] = {"n_real": int(real.shape[0]), "n_fake": int(fake.shape[0]), "fd": frechet_distance(real, fake)}
-    r, f = _subsample(real, max_samples, rng), _subsample(fake, max_samples, rng)
-    out["mmd2"], out["mmd_bandwidth"] = mmd_rbf(r, f)
-    for k in knn_k:
-        if min(r.shape[0], f.shape[0]) > k:
-            out[f"precision_k{k}"], out[f"recall_k{k}"] = knn_precision_recall(r, f, k)
-        else:
-            out[f"precision_k{k}"] = out[f"recall_k{k}"] = None
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,10 +236,225 @@ def _synthetic_mirror(
     return torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
 
 
+#: Images by device: ``{device: (images float (N,C,H,W) in [0,1], labels (N,))}``.
+Rendered = Mapping[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _CellDraw:
+    """Which real rows one (class, device) cell compares against one reference: the
+    training rows (capped at max_per_cell), the reference rows, and the equal-size subsets
+    the pooled scopes take from each side."""
+
+    class_id: int
+    device: int
+    train_rows: np.ndarray
+    reference_rows: np.ndarray
+    pooled_train: np.ndarray  # indices into train_rows
+    pooled_reference: np.ndarray  # indices into reference_rows
+
+
+class QualityRuler:
+    """The half of the evaluation that does not depend on the generator, fitted once.
+
+    The reference encoder, the real features (training data and every reference set), the
+    real-trained CAS student and its accuracies, the real-train-vs-reference metrics (the
+    floor a perfect generator would reach) and every subsample are computed here; ``score``
+    then only samples the generator's mirror of the training data, embeds it and compares.
+    So comparing several generators, or one generator at several sampling settings, on one
+    partition pays for the encoder and the real side once (``benchmarks.sampler_settings``).
+
+    ``references`` names the held-out real sets, e.g. ``{"validation": ..., "test": ...}``:
+    each maps a device to that device's images and labels. A reference may lack devices
+    (the hospitals' validation splits have no image of the held-out device).
+    """
+
+    def __init__(
+        self,
+        real_train: tuple[torch.Tensor, np.ndarray, np.ndarray],
+        references: Mapping[str, Rendered],
+        num_classes: int,
+        num_devices: int,
+        held_out_device: int | None,
+        config: QualityConfig,
+        seed: int,
+    ) -> None:
+        x_train, c_train, d_train = real_train
+        c_train, d_train = np.asarray(c_train, dtype=np.int64), np.asarray(d_train, dtype=np.int64)
+        if x_train.shape[0] != c_train.size or c_train.size != d_train.size:
+            raise ConfigurationError("evaluate_quality: real_train images, classes and devices differ in length.")
+        if held_out_device is not None and (d_train == held_out_device).any():
+            raise ConfigurationError("evaluate_quality: the real training data contains the held-out device.")
+        if not references:
+            raise ConfigurationError("evaluate_quality: no real reference set to compare with.")
+        self.classes, self.devices, self.references = c_train, d_train, references
+        self.num_classes, self.num_devices, self.held_out_device = num_classes, num_devices, held_out_device
+        self.config, self.seed = config, int(seed)
+
+        joint = torch.from_numpy(c_train * num_devices + d_train)
+        self.encoder = train_classifier(x_train, joint, num_classes * num_devices, config, seed=derive_seed(seed, _ENCODER), epochs=config.encoder_epochs)
+        self.f_train = extract_features(self.encoder, x_train)
+        self.f_reference = {name: {d: extract_features(self.encoder, x) for d, (x, _) in ref.items()} for name, ref in references.items()}
+        self.encoder_accuracy = {name: self._encoder_accuracy(ref) for name, ref in references.items()}
+        self.draws = self._draw_cells()
+        real_model = train_classifier(x_train, torch.from_numpy(c_train), num_classes, config, seed=derive_seed(seed, _CAS), epochs=config.classifier_epochs)
+        self.real_cas = {name: _accuracy_block(real_model, ref, num_classes) for name, ref in references.items()}
+        self.real_metrics = {name: self._compare(name, self.f_train) for name in references}
+
+    def _encoder_accuracy(self, reference: Rendered) -> dict[str, dict[int, float]]:
+        joint, device = {}, {}
+        for d, (x, y) in sorted(reference.items()):
+            if d == self.held_out_device:
+                continue
+            pred = _predict(self.encoder, x)
+            joint[d] = float(np.mean(pred == (y.numpy() * self.num_devices + d)))
+            device[d] = float(np.mean(pred % self.num_devices == d))
+        return {"joint_by_device": joint, "device_by_device": device}
+
+    def _draw_cells(self) -> dict[str, list[dict[str, Any]]]:
+        """Per reference, one entry per seen (class, device): a _CellDraw or the reason it is skipped.
+
+        The training-row cap is drawn once per cell, so every reference compares the same
+        synthetic images; the draws come in a fixed order from one seeded stream."""
+        rng = np.random.default_rng([self.seed, SUBSAMPLE_STREAM, 1])
+        config, out = self.config, {name: [] for name in self.references}
+        for d in range(self.num_devices):
+            if d == self.held_out_device:
+                continue
+            for c in range(self.num_classes):
+                rows = np.flatnonzero((self.classes == c) & (self.devices == d))
+                if rows.size > config.max_per_cell:
+                    rows = np.sort(rng.choice(rows, size=config.max_per_cell, replace=False))
+                for name, ref in self.references.items():
+                    ref_rows = np.flatnonzero(ref[d][1].numpy() == c) if d in ref else np.zeros(0, dtype=np.int64)
+                    entry: dict[str, Any] = {"class_id": c, "device": d, "n_real_train": int(rows.size), "n_reference": int(ref_rows.size)}
+                    if rows.size < config.min_per_cell or ref_rows.size < config.min_per_cell:
+                        entry["skipped"] = f"fewer than min_per_cell={config.min_per_cell} real train or {name} images"
+                    else:
+                        m = min(rows.size, ref_rows.size)
+                        keep_tr = np.sort(rng.choice(rows.size, size=m, replace=False))
+                        keep_ref = np.sort(rng.choice(ref_rows.size, size=m, replace=False))
+                        entry["draw"] = _CellDraw(c, d, rows, ref_rows, keep_tr, keep_ref)
+                    out[name].append(entry)
+        return out
+
+    def _compare(self, name: str, features: np.ndarray) -> dict[str, Any]:
+        """Distribution metrics of ``features`` (rows aligned with the training data: the
+        real training features, or the synthetic mirror's) against reference ``name``, per
+        cell and pooled; pooled scopes take as many images from both sides of every cell,
+        so their mixtures over cells match."""
+        config, seed = self.config, self.seed
+        cells: list[dict[str, Any]] = []
+        groups: dict[tuple[str, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for entry in self.draws[name]:
+            draw = entry.get("draw")
+            public = {k: v for k, v in entry.items() if k != "draw"}
+            if draw is None:
+                cells.append(public)
+                continue
+            ours, ref = features[draw.train_rows], self.f_reference[name][draw.device][draw.reference_rows]
+            cells.append({**public, "metrics": distribution_metrics(ref, ours, config.knn_k, config.max_metric_samples, seed)})
+            for key in (("class", draw.class_id), ("device", draw.device), ("overall", 0)):
+                mine, theirs = groups.setdefault(key, ([], []))
+                mine.append(ours[draw.pooled_train]), theirs.append(ref[draw.pooled_reference])
+
+        def pooled(kind: str) -> list[dict[str, Any]]:
+            label = {"class": "class_id", "device": "device", "overall": "scope"}[kind]
+            return [
+                {label: ident if kind != "overall" else "all",
+                 "metrics": distribution_metrics(np.concatenate(theirs), np.concatenate(mine), config.knn_k, config.max_metric_samples, seed)}
+                for (k, ident), (mine, theirs) in sorted(groups.items()) if k == kind
+            ]  # fmt: skip
+
+        return {"cells": cells, "by_class": pooled("class"), "by_device": pooled("device"), "overall": (pooled("overall") or [None])[0]}
+
+    def score(self, generator_model: ConditionalSampler, layout_ndim: int = 3) -> dict[str, Any]:
+        """Every quality number of the module docstring for one generator, JSON-ready
+        (device ids as ints), with a ``summary`` of the headline numbers per reference."""
+        config = self.config
+        x_syn = _synthetic_mirror(generator_model, self.classes, self.devices, self.seed, config.temperature, layout_ndim)
+        f_syn = extract_features(self.encoder, x_syn)
+        synthetic = {name: self._compare(name, f_syn) for name in self.references}
+        cas_model = train_classifier(x_syn, torch.from_numpy(self.classes), self.num_classes, config, seed=derive_seed(self.seed, _CAS), epochs=config.classifier_epochs)
+        references = {}
+        for name, ref in self.references.items():
+            distribution = _merge_sides(synthetic[name], self.real_metrics[name])
+            cas = {
+                "train_size": int(self.classes.size),
+                "trained_on_synthetic": _accuracy_block(cas_model, ref, self.num_classes),
+                "trained_on_real": self.real_cas[name],
+                "held_out_device": self.held_out_device,
+            }
+            for key in ("trained_on_synthetic", "trained_on_real"):
+                seen = [v["accuracy"] for d, v in cas[key].items() if d != self.held_out_device and v["accuracy"] is not None]
+                cas[f"{key}_mean_seen_devices"] = float(np.mean(seen)) if seen else None
+                if self.held_out_device is not None and self.held_out_device in cas[key]:
+                    cas[f"{key}_held_out_device"] = cas[key][self.held_out_device]["accuracy"]
+            references[name] = {"distribution": distribution, "cas": cas}
+        summary = {name: _headline(block) for name, block in references.items()}
+        for name, s in summary.items():
+            logger.info("quality vs %s: FD %.3f (real-train %.3f), recall@3 %s, CAS seen %s vs real %s", name,
+                        s["fd"] if s["fd"] is not None else float("nan"), s["fd_real_train"] if s["fd_real_train"] is not None else float("nan"),
+                        s["recall_k3"], s["cas_seen"], s["cas_real_seen"])  # fmt: skip
+        return {
+            "config": config.as_dict(),
+            "seed": self.seed,
+            "encoder": {
+                "architecture": "student_cnn",
+                "model_options": config.as_dict()["model_options"],
+                "target": "joint label class * num_devices + device",
+                "trained_on": "real pooled training data of the partition (evaluation only)",
+                "feature_dim": int(self.f_train.shape[1]),
+                "accuracy": self.encoder_accuracy,
+            },
+            "references": references,
+            "summary": summary,
+        }
+
+
+def _merge_sides(synthetic: Mapping[str, Any], real: Mapping[str, Any]) -> dict[str, Any]:
+    """One distribution block whose entries hold ``synthetic`` and ``real_train`` metrics side by side."""
+
+    def merge(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        if a is None:
+            return None
+        out = {k: v for k, v in a.items() if k != "metrics"}
+        if "metrics" in a:
+            out["synthetic"], out["real_train"] = a["metrics"], b["metrics"]
+        return out
+
+    return {
+        "cells": [merge(a, b) for a, b in zip(synthetic["cells"], real["cells"], strict=True)],
+        "by_class": [merge(a, b) for a, b in zip(synthetic["by_class"], real["by_class"], strict=True)],
+        "by_device": [merge(a, b) for a, b in zip(synthetic["by_device"], real["by_device"], strict=True)],
+        "overall": merge(synthetic["overall"], real["overall"]),
+    }
+
+
+def _headline(block: Mapping[str, Any]) -> dict[str, Any]:
+    """Overall FD (and its ratio to the real-train floor), k-NN P/R at k=3, CAS over real."""
+    overall, cas = block["distribution"]["overall"] or {}, block["cas"]
+    syn, ref = overall.get("synthetic") or {}, overall.get("real_train") or {}
+    fd, fd_ref = syn.get("fd"), ref.get("fd")
+    seen, real_seen = cas["trained_on_synthetic_mean_seen_devices"], cas["trained_on_real_mean_seen_devices"]
+    return {
+        "fd": fd,
+        "fd_real_train": fd_ref,
+        "fd_ratio": fd / fd_ref if fd is not None and fd_ref else None,
+        "precision_k3": syn.get("precision_k3"),
+        "recall_k3": syn.get("recall_k3"),
+        "cas_seen": seen,
+        "cas_real_seen": real_seen,
+        "cas_ratio": seen / real_seen if seen is not None and real_seen else None,
+        "cas_held_out": cas.get("trained_on_synthetic_held_out_device"),
+        "cas_real_held_out": cas.get("trained_on_real_held_out_device"),
+    }
+
+
 def evaluate_quality(
     generator_model: ConditionalSampler,
     real_train: tuple[torch.Tensor, np.ndarray, np.ndarray],
-    real_test: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    references: Mapping[str, Rendered],
     num_classes: int,
     num_devices: int,
     held_out_device: int | None,
@@ -350,119 +462,10 @@ def evaluate_quality(
     seed: int,
     layout_ndim: int = 3,
 ) -> dict[str, Any]:
-    """All quality numbers of the module docstring as one JSON-ready dict (device ids as ints).
+    """All quality numbers of the module docstring for one generator (``QualityRuler`` then ``score``).
 
     ``real_train`` = (images float (N,C,H,W) in [0,1], classes (N,), devices (N,)): the
-    pooled real training data. ``real_test[d]`` = (images, labels) of the global test set
-    rendered by device d (every device, the held-out one included).
+    pooled real training data; ``references`` the held-out real sets by name.
     """
-    x_train, c_train, d_train = real_train
-    c_train, d_train = np.asarray(c_train, dtype=np.int64), np.asarray(d_train, dtype=np.int64)
-    if x_train.shape[0] != c_train.size or c_train.size != d_train.size:
-        raise ConfigurationError("evaluate_quality: real_train images, classes and devices differ in length.")
-    if held_out_device is not None and (d_train == held_out_device).any():
-        raise ConfigurationError("evaluate_quality: the real training data contains the held-out device.")
-
-    # 1. the synthetic mirror of the real training data (same labels and devices)
-    x_syn = _synthetic_mirror(generator_model, c_train, d_train, seed, config.temperature, layout_ndim)
-
-    # 2. the reference encoder on the JOINT label class * num_devices + device
-    joint = torch.from_numpy(c_train * num_devices + d_train)
-    encoder = train_classifier(x_train, joint, num_classes * num_devices, config, seed=derive_seed(seed, _ENCODER), epochs=config.encoder_epochs)
-    f_train, f_syn = extract_features(encoder, x_train), extract_features(encoder, x_syn)
-    f_test = {d: extract_features(encoder, x) for d, (x, _) in real_test.items()}
-    encoder_acc, encoder_device_acc = {}, {}
-    for d, (x, y) in sorted(real_test.items()):
-        if d == held_out_device:
-            continue
-        pred = _predict(encoder, x)
-        encoder_acc[d] = float(np.mean(pred == (y.numpy() * num_devices + d)))
-        encoder_device_acc[d] = float(np.mean(pred % num_devices == d))
-
-    # 3. distribution metrics per cell and pooled
-    rng = np.random.default_rng([seed, _SUBSAMPLE, 1])
-    cells: list[dict[str, Any]] = []
-    groups: dict[tuple[str, int], dict[str, list[np.ndarray]]] = {}
-
-    def add(key: tuple[str, int], tr: np.ndarray, sy: np.ndarray, te: np.ndarray) -> None:
-        g = groups.setdefault(key, {"train": [], "syn": [], "test": []})
-        g["train"].append(tr), g["syn"].append(sy), g["test"].append(te)
-
-    for d in range(num_devices):
-        if d == held_out_device or d not in real_test:
-            continue
-        y_test = real_test[d][1].numpy()
-        for c in range(num_classes):
-            rows = np.flatnonzero((c_train == c) & (d_train == d))
-            test_rows = np.flatnonzero(y_test == c)
-            entry: dict[str, Any] = {"class_id": c, "device": d, "n_real_train": int(rows.size), "n_real_test": int(test_rows.size)}
-            if rows.size < config.min_per_cell or test_rows.size < config.min_per_cell:
-                entry["skipped"] = f"fewer than min_per_cell={config.min_per_cell} real train or test images"
-                cells.append(entry)
-                continue
-            if rows.size > config.max_per_cell:
-                rows = np.sort(rng.choice(rows, size=config.max_per_cell, replace=False))
-            tr, sy, te = f_train[rows], f_syn[rows], f_test[d][test_rows]
-            entry["synthetic_vs_test"] = distribution_metrics(te, sy, config.knn_k, config.max_metric_samples, seed)
-            entry["real_train_vs_test"] = distribution_metrics(te, tr, config.knn_k, config.max_metric_samples, seed)
-            cells.append(entry)
-            # pooled scopes take m = min(n_train, n_test) of each side per cell, so the real
-            # test side is mixed over cells exactly like the train/synthetic side
-            m = min(rows.size, test_rows.size)
-            keep_tr = np.sort(rng.choice(rows.size, size=m, replace=False))
-            keep_te = np.sort(rng.choice(test_rows.size, size=m, replace=False))
-            for key in (("class", c), ("device", d), ("overall", 0)):
-                add(key, tr[keep_tr], sy[keep_tr], te[keep_te])
-
-    def pooled(kind: str) -> list[dict[str, Any]]:
-        out = []
-        for (k, ident), g in sorted(groups.items()):
-            if k != kind:
-                continue
-            te, sy, tr = (np.concatenate(g[s]) for s in ("test", "syn", "train"))
-            out.append({
-                ("class_id" if kind == "class" else "device" if kind == "device" else "scope"): ident if kind != "overall" else "all",
-                "synthetic_vs_test": distribution_metrics(te, sy, config.knn_k, config.max_metric_samples, seed),
-                "real_train_vs_test": distribution_metrics(te, tr, config.knn_k, config.max_metric_samples, seed),
-            })  # fmt: skip
-        return out
-
-    distribution = {"cells": cells, "by_class": pooled("class"), "by_device": pooled("device"), "overall": (pooled("overall") or [None])[0]}
-    logger.info("quality: overall FD synthetic %.3f vs real-train floor %.3f",
-                (distribution["overall"] or {}).get("synthetic_vs_test", {}).get("fd", float("nan")),
-                (distribution["overall"] or {}).get("real_train_vs_test", {}).get("fd", float("nan")))  # fmt: skip
-
-    # 4. classification accuracy score: synthetic-only vs real-only students
-    y_train = torch.from_numpy(c_train)
-    cas_model = train_classifier(x_syn, y_train, num_classes, config, seed=derive_seed(seed, _CAS), epochs=config.classifier_epochs)
-    real_model = train_classifier(x_train, y_train, num_classes, config, seed=derive_seed(seed, _CAS), epochs=config.classifier_epochs)
-    cas = {
-        "train_size": int(y_train.shape[0]),
-        "trained_on_synthetic": _accuracy_block(cas_model, real_test, num_classes),
-        "trained_on_real": _accuracy_block(real_model, real_test, num_classes),
-        "held_out_device": held_out_device,
-    }
-    for key in ("trained_on_synthetic", "trained_on_real"):
-        seen = [v["accuracy"] for d, v in cas[key].items() if d != held_out_device and v["accuracy"] is not None]
-        cas[f"{key}_mean_seen_devices"] = float(np.mean(seen)) if seen else None
-        if held_out_device is not None and held_out_device in cas[key]:
-            cas[f"{key}_held_out_device"] = cas[key][held_out_device]["accuracy"]
-    logger.info("quality: CAS (synthetic-trained) %.3f vs real-trained %.3f on the seen devices' test renderings",
-                cas["trained_on_synthetic_mean_seen_devices"] or float("nan"),
-                cas["trained_on_real_mean_seen_devices"] or float("nan"))  # fmt: skip
-
-    return {
-        "config": config.as_dict(),
-        "seed": int(seed),
-        "encoder": {
-            "architecture": "student_cnn",
-            "model_options": config.as_dict()["model_options"],
-            "target": "joint label class * num_devices + device",
-            "trained_on": "real pooled training data of the partition (evaluation only)",
-            "feature_dim": int(f_train.shape[1]),
-            "test_joint_accuracy_by_device": encoder_acc,
-            "test_device_accuracy_by_device": encoder_device_acc,
-        },
-        "distribution": distribution,
-        "cas": cas,
-    }
+    ruler = QualityRuler(real_train, references, num_classes, num_devices, held_out_device, config, seed)
+    return ruler.score(generator_model, layout_ndim)
