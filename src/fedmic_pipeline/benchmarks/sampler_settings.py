@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -81,7 +80,6 @@ def run(settings: Sequence[tuple[int, float, float]], threads: int, root: Path) 
     noise_fitted = bool(base.noise_std.abs().sum() > 0)
     ruler, layout = synthetic_sets.quality_ruler(clients, manifest, synthetic, global_test_set=None)
     hospitals = synthetic_sets.client_data(clients)
-    base_config = ruler.config
     rows = []
     for n_steps, w, temp in settings:
         model = copy.deepcopy(base)
@@ -89,15 +87,13 @@ def run(settings: Sequence[tuple[int, float, float]], threads: int, root: Path) 
         started = time.perf_counter()
         if noise_fitted:
             fit_flow_noise(model, hospitals, seed=int(synthetic["seed"]))
-        ruler.config = dataclasses.replace(base_config, temperature=float(temp))
-        summary = ruler.score(model, layout)["summary"]["validation"]
+        summary = ruler.score(model, layout, temperature=temp)["summary"]["validation"]
         rows.append({
             "sample_steps": int(n_steps), "guidance": float(w), "temperature": float(temp),
             "network_passes_per_image": (2 * int(n_steps) - 1) * (1 if float(w) == 1.0 else 2),
             "score_s": time.perf_counter() - started, "validation": summary,
         })  # fmt: skip
         logger.info("steps %d guidance %.1f temperature %.2f (%.0f s): %s", n_steps, w, temp, rows[-1]["score_s"], summary)
-    ruler.config = base_config
     return rows
 
 

@@ -368,11 +368,13 @@ class QualityRuler:
 
         return {"cells": cells, "by_class": pooled("class"), "by_device": pooled("device"), "overall": (pooled("overall") or [None])[0]}
 
-    def score(self, generator_model: ConditionalSampler, layout_ndim: int = 3) -> dict[str, Any]:
+    def score(self, generator_model: ConditionalSampler, layout_ndim: int = 3, temperature: float | None = None) -> dict[str, Any]:
         """Every quality number of the module docstring for one generator, JSON-ready
-        (device ids as ints), with a ``summary`` of the headline numbers per reference."""
+        (device ids as ints), with a ``summary`` of the headline numbers per reference.
+        ``temperature`` overrides the config's sampling temperature."""
         config = self.config
-        x_syn = _synthetic_mirror(generator_model, self.classes, self.devices, self.seed, config.temperature, layout_ndim)
+        temperature = config.temperature if temperature is None else float(temperature)
+        x_syn = _synthetic_mirror(generator_model, self.classes, self.devices, self.seed, temperature, layout_ndim)
         f_syn = extract_features(self.encoder, x_syn)
         synthetic = {name: self._compare(name, f_syn) for name in self.references}
         cas_model = train_classifier(x_syn, torch.from_numpy(self.classes), self.num_classes, config, seed=derive_seed(self.seed, _CAS), epochs=config.classifier_epochs)
