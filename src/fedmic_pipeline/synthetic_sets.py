@@ -321,7 +321,7 @@ def quality_ruler(
 
     x_train = _float_images(np.concatenate([a["train_images"] for a in arrays.values()]))
     c_train = np.concatenate([labels(a, "train") for a in arrays.values()])
-    d_train = np.concatenate([np.full(labels(a, "train").size, _device_of(a)) for a in arrays.values()])
+    d_train = np.concatenate([np.full(np.asarray(a["train_labels"]).size, _device_of(a)) for a in arrays.values()])
     validation = {}
     for d in sorted({_device_of(a) for a in arrays.values()}):
         own = [a for a in arrays.values() if _device_of(a) == d and "val_images" in a and labels(a, "val").size]
@@ -357,7 +357,7 @@ def measure_quality(
         return {"enabled": False, "reason": "synthetic.enabled is false: no generator was trained"}
     start = time.perf_counter()
     ruler, layout = quality_ruler(clients, manifest, synthetic, global_test_set)
-    result = name_devices(ruler.score(generator_from_record(generator), layout), names, class_names)
+    result = _name_devices(ruler.score(generator_from_record(generator), layout), names, class_names)
     result.update({
         "enabled": True,
         "generator_sha256": generator["sha256"],
@@ -372,7 +372,7 @@ def measure_quality(
     return result
 
 
-def name_devices(raw: Mapping[str, Any], names: list[str], class_names: list[str]) -> dict[str, Any]:
+def _name_devices(raw: Mapping[str, Any], names: list[str], class_names: list[str]) -> dict[str, Any]:
     """Device ids -> names in a ``QualityRuler.score`` result (ids kept beside them)."""
     out = dict(raw)
     out["references"] = {}

@@ -25,7 +25,6 @@ from fedmic_pipeline.core.synthesis import (
     client_count_matrix,
     compute_plan,
     distribution_metrics,
-    evaluate_quality,
     frechet_distance,
     frechet_distance_gaussians,
     generator_from_record,
@@ -384,10 +383,9 @@ def test_recalibrated_batchnorm_holds_the_exact_data_statistics():
     assert not model.training
 
 
-def test_evaluate_quality_reports_every_scope(client_arrays):
-    clients = _clients(client_arrays)
-    config = GeneratorTrainingConfig(rounds=2, local_epochs=2, batch_size=16, model_options=TINY)
-    model = train_generator_federated(clients, SPEC, N_DEVICES, config, seed=0, held_out_device=HELD_OUT).model
+def _quality_inputs(clients):
+    """The pooled real training data of ``clients``, a 36-image test set rendered by every
+    device, and a quality config small enough for seconds."""
     x = torch.cat([c.train_x for c in clients])
     classes = torch.cat([c.train_y for c in clients]).numpy()
     devices = np.concatenate([np.full(c.num_train, c.device_id) for c in clients])
@@ -396,8 +394,16 @@ def test_evaluate_quality_reports_every_scope(client_arrays):
     tests = {d: (torch.from_numpy(_images(test_labels, d, rng)[:, None]).float() / 255, torch.from_numpy(test_labels)) for d in range(N_DEVICES)}
     q = QualityConfig(encoder_epochs=1, classifier_epochs=1, batch_size=16, model_options={"widths": (4, 8, 8), "feature_dim": 8},
                       min_per_cell=4, knn_k=(3,))  # fmt: skip
+    return (x, classes, devices), tests, q
+
+
+def test_quality_report_covers_every_scope_and_reference(client_arrays):
+    clients = _clients(client_arrays)
+    config = GeneratorTrainingConfig(rounds=2, local_epochs=2, batch_size=16, model_options=TINY)
+    model = train_generator_federated(clients, SPEC, N_DEVICES, config, seed=0, held_out_device=HELD_OUT).model
+    (x, classes, devices), tests, q = _quality_inputs(clients)
     validation = {d: (x_d[:20], y_d[:20]) for d, (x_d, y_d) in tests.items() if d != HELD_OUT}
-    result = evaluate_quality(model, (x, classes, devices), {"validation": validation, "test": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0)
+    result = QualityRuler((x, classes, devices), {"validation": validation, "test": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0).score(model)
     cells = result["references"]["test"]["distribution"]["cells"]
     assert {(e["class_id"], e["device"]) for e in cells} == {(c, d) for c in range(3) for d in range(3)}
     measured = [e for e in cells if "synthetic" in e]
@@ -433,14 +439,7 @@ def test_quality_ruler_scores_generators_against_one_fixed_real_side(client_arra
     worse, while its real_train numbers stay those of the first call."""
     clients = _clients(client_arrays)
     untrained = build_generator(SPEC, N_DEVICES, seed=0, **TINY).eval()
-    x = torch.cat([c.train_x for c in clients])
-    classes = torch.cat([c.train_y for c in clients]).numpy()
-    devices = np.concatenate([np.full(c.num_train, c.device_id) for c in clients])
-    rng = np.random.default_rng(9)
-    test_labels = np.repeat(np.arange(3), 12)
-    tests = {d: (torch.from_numpy(_images(test_labels, d, rng)[:, None]).float() / 255, torch.from_numpy(test_labels)) for d in range(N_DEVICES)}
-    q = QualityConfig(encoder_epochs=1, classifier_epochs=1, batch_size=16, model_options={"widths": (4, 8, 8), "feature_dim": 8},
-                      min_per_cell=4, knn_k=(3,))  # fmt: skip
+    (x, classes, devices), tests, q = _quality_inputs(clients)
     ruler = QualityRuler((x, classes, devices), {"test": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0)
     replay, bad = ruler.score(_ReplaySampler(x)), ruler.score(untrained)
     cells = [e for e in replay["references"]["test"]["distribution"]["cells"] if "synthetic" in e]

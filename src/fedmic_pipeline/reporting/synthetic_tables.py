@@ -59,10 +59,10 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def headline_markdown(summaries: Mapping[str, Mapping[str, Any]], label: str = "reference") -> list[str]:
+def _headline_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One row per summary (``QualityRuler.score``'s ``summary``): the numbers the floors name."""
     lines = [
-        f"| {label} | FD synth | FD real train | FD ratio | P@3 | R@3 | CAS seen synth / real (ratio) | CAS held-out synth / real |",
+        "| reference | FD synth | FD real train | FD ratio | P@3 | R@3 | CAS seen synth / real (ratio) | CAS held-out synth / real |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
@@ -87,7 +87,7 @@ def quality_markdown(result: Mapping[str, Any], table: pd.DataFrame) -> str:
         "images of the same cells (same sample size) with it, i.e. the value a perfect generator would reach. Lower FD/MMD^2 "
         "and higher precision/recall are better. FD ratio = FD synth / FD real train.",
         "",
-        *headline_markdown(result["summary"]),
+        *_headline_rows(result["summary"]),
     ]
     for reference, block in result["references"].items():
         lines += _reference_section(reference, block, table[table["reference"] == reference], result["class_names"])

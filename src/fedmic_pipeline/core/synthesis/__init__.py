@@ -32,7 +32,7 @@ from .distances import (
     median_bandwidth,
     mmd_rbf,
 )
-from .quality import QualityConfig, QualityRuler, evaluate_quality, extract_features
+from .quality import QualityConfig, QualityRuler, extract_features
 
 __all__ = [
     "GENERATOR_ARCHITECTURE",
@@ -50,7 +50,6 @@ __all__ = [
     "client_count_matrix",
     "compute_plan",
     "distribution_metrics",
-    "evaluate_quality",
     "extract_features",
     "flow_matching_loss",
     "frechet_distance",

@@ -72,7 +72,6 @@ from .generator import ConditionalSampler, images_to_uint8
 __all__ = [
     "QualityConfig",
     "QualityRuler",
-    "evaluate_quality",
     "extract_features",
     "recalibrate_batchnorm",
     "train_classifier",
@@ -282,11 +281,11 @@ class QualityRuler:
         x_train, c_train, d_train = real_train
         c_train, d_train = np.asarray(c_train, dtype=np.int64), np.asarray(d_train, dtype=np.int64)
         if x_train.shape[0] != c_train.size or c_train.size != d_train.size:
-            raise ConfigurationError("evaluate_quality: real_train images, classes and devices differ in length.")
+            raise ConfigurationError("QualityRuler: real_train images, classes and devices differ in length.")
         if held_out_device is not None and (d_train == held_out_device).any():
-            raise ConfigurationError("evaluate_quality: the real training data contains the held-out device.")
+            raise ConfigurationError("QualityRuler: the real training data contains the held-out device.")
         if not references:
-            raise ConfigurationError("evaluate_quality: no real reference set to compare with.")
+            raise ConfigurationError("QualityRuler: no real reference set to compare with.")
         self.classes, self.devices, self.references = c_train, d_train, references
         self.num_classes, self.num_devices, self.held_out_device = num_classes, num_devices, held_out_device
         self.config, self.seed = config, int(seed)
@@ -451,23 +450,3 @@ def _headline(block: Mapping[str, Any]) -> dict[str, Any]:
         "cas_held_out": cas.get("trained_on_synthetic_held_out_device"),
         "cas_real_held_out": cas.get("trained_on_real_held_out_device"),
     }
-
-
-def evaluate_quality(
-    generator_model: ConditionalSampler,
-    real_train: tuple[torch.Tensor, np.ndarray, np.ndarray],
-    references: Mapping[str, Rendered],
-    num_classes: int,
-    num_devices: int,
-    held_out_device: int | None,
-    config: QualityConfig,
-    seed: int,
-    layout_ndim: int = 3,
-) -> dict[str, Any]:
-    """All quality numbers of the module docstring for one generator (``QualityRuler`` then ``score``).
-
-    ``real_train`` = (images float (N,C,H,W) in [0,1], classes (N,), devices (N,)): the
-    pooled real training data; ``references`` the held-out real sets by name.
-    """
-    ruler = QualityRuler(real_train, references, num_classes, num_devices, held_out_device, config, seed)
-    return ruler.score(generator_model, layout_ndim)
