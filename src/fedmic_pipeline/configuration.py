@@ -447,6 +447,7 @@ INGESTION_RULES = {
 DOCS_DIR_RULES = {"docs_dir": Rule("str")}
 _SYNTHETIC_EXTRA_RULES = {
     "device": Rule("str", optional=True),
+    "cache_dir": Rule("str", optional=True, nullable=True),
     "sampling": Rule("mapping", optional=True, fields={"temperature": Rule("number", above=0, optional=True)}),
     "gate": Rule("mapping", optional=True, fields={"docs_dir": Rule("str", optional=True)}),
     "report": Rule("mapping", optional=True, fields={"grid_examples": Rule("int", low=1, optional=True)}),

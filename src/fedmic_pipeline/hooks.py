@@ -9,6 +9,9 @@
   ``conf/logging.yml`` when it is imported, before any project code, and a file handler
   declared there would fail every run of a checkout without a ``logs/`` folder; the hook
   creates the folder and attaches the handler for the length of the run;
+* ``StageTimer`` (a second hook) logs each node's wall time and, at the end of the run, the
+  time of every stage (the nodes of one pipeline tag, Kedro's start-up excluded): the cost of
+  a stage inside `make run` is read there, not from a stand-alone run's wall clock;
 * when the run fails on an input error (a parameter, a missing or damaged input file:
   ``INPUT_ERRORS``), the traceback goes to the log file only and the terminal gets one
   paragraph: the error, the node it stopped in and where the traceback is. Kedro re-raises
@@ -23,6 +26,8 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,7 +42,7 @@ from fedmic_pipeline.datasets.corrupt import CorruptFileError
 from fedmic_pipeline.flower.task import FlowerConfigError
 from fedmic_pipeline.partitioning import PartitionInputError
 
-__all__ = ["INPUT_ERRORS", "LOG_FILE", "RunGuard"]
+__all__ = ["INPUT_ERRORS", "LOG_FILE", "RunGuard", "StageTimer"]
 
 #: Errors caused by what the user gave (parameters, input files), each raised with a message
 #: that names the fix: the user needs that message, not the stack that led to it.
@@ -139,6 +144,35 @@ class _ParagraphExcepthook:
             print(self.paragraph, file=sys.stderr)
         else:
             self.fallback(kind, value, tb)
+
+
+class StageTimer:
+    """Wall time per node and per stage (pipeline tag) of a sequential run, in the log."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+        self._stages: dict[str, float] = defaultdict(float)
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        self._started.clear()
+        self._stages.clear()
+
+    @hook_impl
+    def before_node_run(self, node: Node) -> None:
+        self._started[node.name] = time.perf_counter()
+
+    @hook_impl
+    def after_node_run(self, node: Node) -> None:
+        seconds = time.perf_counter() - self._started.pop(node.name, time.perf_counter())
+        for tag in node.tags or {"untagged"}:
+            self._stages[tag] += seconds
+        logger.info("node %s: %.1f s", node.name, seconds)
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        if self._stages:
+            logger.info("time by stage (its nodes' wall time): %s", ", ".join(f"{tag} {s:.1f} s" for tag, s in sorted(self._stages.items())))
 
 
 def _print_instead_of_traceback(error: BaseException, paragraph: str) -> None:

@@ -8,10 +8,10 @@ switch_off_telemetry()
 from kedro.config import OmegaConfigLoader  # noqa: E402
 from omegaconf.resolvers import oc  # noqa: E402
 
-from fedmic_pipeline.hooks import RunGuard  # noqa: E402
+from fedmic_pipeline.hooks import RunGuard, StageTimer  # noqa: E402
 
 # Parameters checked before the first node, logs/info.log, one-paragraph input errors (hooks.py).
-HOOKS = (RunGuard(),)
+HOOKS = (RunGuard(), StageTimer())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

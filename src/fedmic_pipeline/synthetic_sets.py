@@ -6,6 +6,10 @@ the parameters, train the federated generator, plan, sample, gate, publish, meas
 quality. They live outside `pipelines/` because `ablation` runs the same steps on the
 partitions it builds in memory; the stage's Kedro nodes wrap them for the catalog.
 
+With ``synthetic.cache_dir`` set, the trained generator, the fitted quality ruler and the
+quality report are kept in a result cache (`result_cache.py`) and reused by any later run on
+the same inputs: a second `make run` trains nothing here.
+
 Only these leave a client: generator weights (FedAvg uploads) and the class x device count
 matrix of its training split. Pooled real images are touched only by `measure_quality`
 (evaluation only: reference encoder, real-trained CAS reference).
@@ -40,13 +44,14 @@ from fedmic_pipeline.core.synthesis import (
     train_generator_federated,
 )
 from fedmic_pipeline.partitioning import npy_sha256
+from fedmic_pipeline.result_cache import ResultCache, content_key
 from fedmic_pipeline.reporting.synthetic_plots import synthetic_grid_figure
 from fedmic_pipeline.validation.synthetic_suite import SYNTHETIC_KEYS, validate_synthetic
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA_VERSION = 1
-_TOP_KEYS = {"enabled", "seed", "num_threads", "device", "generator", "plan", "sampling", "quality", "gate", "report"}
+_TOP_KEYS = {"enabled", "seed", "num_threads", "device", "cache_dir", "generator", "plan", "sampling", "quality", "gate", "report"}
 _GRID_STREAM = 41
 _PARAMS_FILE = "conf/base/parameters_synthetic_generation.yml"
 
@@ -120,6 +125,15 @@ def _load_clients(clients: Clients) -> dict[str, Arrays]:
     return out
 
 
+def _cache(synthetic: Mapping[str, Any]) -> ResultCache:
+    return ResultCache(synthetic.get("cache_dir"))
+
+
+def _client_inputs(arrays: Mapping[str, Arrays], keys: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """What a cache key needs of every client: the named arrays it has."""
+    return {name: {k: np.asarray(a[k]) for k in keys if k in a} for name, a in arrays.items()}
+
+
 def _device_of(arrays: Mapping[str, np.ndarray]) -> int:
     return int(np.asarray(arrays["device"]).reshape(-1)[0])  # the partition's key is `device`
 
@@ -171,6 +185,13 @@ def train_generator(clients: Clients, manifest: Mapping[str, Any], synthetic: Ma
     n_classes = _n_classes(manifest)
     arrays = _load_clients(clients)
     spec, _ = _spec(arrays, n_classes)
+    key = content_key(
+        "generator", _client_inputs(arrays, ("train_images", "train_labels", "device")), names, held, n_classes,
+        {k: synthetic.get(k) for k in ("enabled", "seed", "device", "generator")},
+    )  # fmt: skip
+    cached = _cache(synthetic).get("generator", key)
+    if cached is not None and cached["record"].get("sha256") == state_sha256(generator_from_record(cached["record"])):
+        return cached["record"], {**cached["summary"], "cache": {"key": key, "reused": True}}
     config = GeneratorTrainingConfig.from_params(synthetic["generator"])
     if not synthetic["enabled"]:
         config = GeneratorTrainingConfig.from_params({**synthetic["generator"], "rounds": 0})
@@ -191,7 +212,8 @@ def train_generator(clients: Clients, manifest: Mapping[str, Any], synthetic: Ma
         "node_wall_time_s": time.perf_counter() - start,
     }
     logger.info("synthetic generator: %d rounds in %.1fs, sha256 %s", config.rounds, summary["node_wall_time_s"], sha[:12])
-    return record, summary
+    _cache(synthetic).put("generator", key, {"record": record, "summary": summary})
+    return record, {**summary, "cache": {"key": key, "reused": False}}
 
 
 def plan_synthesis(clients: Clients, manifest: Mapping[str, Any], synthetic: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,11 +328,12 @@ def _float_images(images: np.ndarray) -> torch.Tensor:
 
 def quality_ruler(
     clients: Clients, manifest: Mapping[str, Any], synthetic: Mapping[str, Any], global_test_set: Mapping[str, np.ndarray] | None
-) -> tuple[QualityRuler, int]:
-    """The generator-independent half of the quality step on this partition (and the image
-    layout): encoder, real features and references ``validation`` (the hospitals' local
-    validation splits pooled per device) and ``test`` (the global test set per device;
-    left out when ``global_test_set`` is None, as when choosing settings)."""
+) -> tuple[QualityRuler, int, str]:
+    """The generator-independent half of the quality step on this partition, the image
+    layout and the ruler's cache key: encoder, real features and references ``validation``
+    (the hospitals' local validation splits pooled per device) and ``test`` (the global
+    test set per device; left out when ``global_test_set`` is None, as when choosing
+    settings). Fitted once per set of inputs: later runs restore it from the result cache."""
     names, held = _devices(manifest)
     n_classes = _n_classes(manifest)
     arrays = _load_clients(clients)
@@ -338,8 +361,17 @@ def quality_ruler(
                 raise ConfigurationError(f"global_test_set lacks '{key}'; re-run the data_partition pipeline.")
             references["test"][d] = (_float_images(global_test_set[key]), y_test)
     config = QualityConfig.from_params(synthetic.get("quality", {}))
-    ruler = QualityRuler((x_train, c_train, d_train), references, n_classes, len(names), held, config, int(synthetic["seed"]))
-    return ruler, layout
+    test_inputs = None if global_test_set is None else {k: np.asarray(v) for k, v in global_test_set.items()}
+    key = content_key(
+        "quality_ruler", _client_inputs(arrays, ("train_images", "train_labels", "val_images", "val_labels", "device")),
+        test_inputs, names, held, n_classes, config.as_dict(), int(synthetic["seed"]),
+    )  # fmt: skip
+    cache = _cache(synthetic)
+    fitted = cache.get("quality_ruler", key)
+    ruler = QualityRuler((x_train, c_train, d_train), references, n_classes, len(names), held, config, int(synthetic["seed"]), fitted=fitted)
+    if fitted is None:
+        cache.put("quality_ruler", key, ruler.fitted_state())
+    return ruler, layout, key
 
 
 def measure_quality(
@@ -348,7 +380,8 @@ def measure_quality(
 ) -> dict[str, Any]:
     """FD, MMD, k-NN precision/recall and CAS (see core/synthesis/quality.py) against the
     validation and the test reference, as JSON with device and class names;
-    ``{"enabled": False, ...}`` when no generator was trained."""
+    ``{"enabled": False, ...}`` when no generator was trained. The report of a generator
+    already scored by the same ruler is reused from the result cache."""
     _check_params(synthetic)
     _threads(synthetic)
     names, held = _devices(manifest)
@@ -356,19 +389,24 @@ def measure_quality(
     if not synthetic["enabled"] or not generator.get("trained", False):
         return {"enabled": False, "reason": "synthetic.enabled is false: no generator was trained"}
     start = time.perf_counter()
-    ruler, layout = quality_ruler(clients, manifest, synthetic, global_test_set)
-    result = _name_devices(ruler.score(generator_from_record(generator), layout), names, class_names)
-    result.update({
-        "enabled": True,
-        "generator_sha256": generator["sha256"],
-        "device_names": names,
-        "held_out_device": None if held is None else names[held],
-        "class_names": class_names,
-        "reference_encoder_note": "Inception weights cannot be downloaded (no internet), so FD is measured in the "
-        "feature space of a project-trained student CNN (joint class x device classifier), not FID.",
-        "wall_time_s": time.perf_counter() - start,
-    })  # fmt: skip
-    logger.info("synthetic quality evaluated in %.1fs", result["wall_time_s"])
+    ruler, layout, ruler_key = quality_ruler(clients, manifest, synthetic, global_test_set)
+    key = content_key("quality", ruler_key, generator["sha256"], generator["architecture"], generator["kwargs"], layout)
+    cache = _cache(synthetic)
+    result = cache.get("quality", key)
+    if result is None:
+        result = _name_devices(ruler.score(generator_from_record(generator), layout), names, class_names)
+        result.update({
+            "enabled": True,
+            "generator_sha256": generator["sha256"],
+            "device_names": names,
+            "held_out_device": None if held is None else names[held],
+            "class_names": class_names,
+            "reference_encoder_note": "Inception weights cannot be downloaded (no internet), so FD is measured in the "
+            "feature space of a project-trained student CNN (joint class x device classifier), not FID.",
+            "wall_time_s": time.perf_counter() - start,
+        })  # fmt: skip
+        cache.put("quality", key, result)
+        logger.info("synthetic quality evaluated in %.1fs", result["wall_time_s"])
     return result
 
 

@@ -27,7 +27,7 @@ def _tiny_synthetic(project, architecture: str) -> dict:
     s["num_threads"] = 1
     options = {"architecture": "flow_matching", "widths": [8, 16], "embed_dim": 8, "sample_steps": 2} if architecture == "flow" else {"latent_dim": 4, "widths": [8, 16], "embed_dim": 4}
     s["generator"].update(rounds=2, local_epochs=1, batch_size=32, model_options=options,
-                          cond_dropout=0.2 if architecture == "flow" else 0.0, device_noise=True)  # fmt: skip
+                          cond_dropout=0.2 if architecture == "flow" else 0.0, fit_latent=False, device_noise=True)  # fmt: skip
     s["quality"].update(encoder_epochs=1, classifier_epochs=1, batch_size=32, model_options={"widths": [4, 8, 8], "feature_dim": 8},
                         min_per_cell=4, max_metric_samples=200)  # fmt: skip
     path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -448,3 +448,19 @@ def test_quality_ruler_scores_generators_against_one_fixed_real_side(client_arra
     assert replay["references"]["test"]["cas"]["trained_on_synthetic"] == replay["references"]["test"]["cas"]["trained_on_real"]
     assert bad["references"]["test"]["distribution"]["overall"]["real_train"] == replay["references"]["test"]["distribution"]["overall"]["real_train"]
     assert bad["summary"]["test"]["fd"] > replay["summary"]["test"]["fd"]
+
+
+def test_a_ruler_restored_from_its_fitted_state_scores_bit_for_bit_alike(client_arrays, tmp_path):
+    """The cache across runs: a ruler rebuilt from ``fitted_state()`` (saved and read back as
+    weights only) skips the fitting and gives the same report as the ruler that fitted; a
+    state fitted on other references is refused."""
+    clients = _clients(client_arrays)
+    untrained = build_generator(SPEC, N_DEVICES, seed=0, **TINY).eval()
+    (x, classes, devices), tests, q = _quality_inputs(clients)
+    fitted = QualityRuler((x, classes, devices), {"test": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0)
+    torch.save(fitted.fitted_state(), tmp_path / "ruler.pt")
+    state = torch.load(tmp_path / "ruler.pt", weights_only=True)
+    restored = QualityRuler((x, classes, devices), {"test": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0, fitted=state)
+    assert restored.score(untrained) == fitted.score(untrained)
+    with pytest.raises(ConfigurationError, match="other references"):
+        QualityRuler((x, classes, devices), {"validation": tests}, 3, N_DEVICES, HELD_OUT, q, seed=0, fitted=state)

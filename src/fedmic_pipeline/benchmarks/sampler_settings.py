@@ -74,11 +74,11 @@ def run(settings: Sequence[tuple[int, float, float]], threads: int, root: Path) 
     if not isinstance(base, ConditionalFlow):
         raise SystemExit(
             "The saved generator is not the flow: sampling steps and guidance are flow settings. Train it first with "
-            "kedro run --pipelines synthetic_generation --params synthetic.generator.model_options.architecture=flow_matching,"
+            "kedro run --pipelines synthetic_generation --params synthetic.generator.model_options.architecture=flow_matching,synthetic.generator.fit_latent=false,"
             "synthetic.generator.cond_dropout=0.1"
         )
     noise_fitted = bool(base.noise_std.abs().sum() > 0)
-    ruler, layout = synthetic_sets.quality_ruler(clients, manifest, synthetic, global_test_set=None)
+    ruler, layout, _ = synthetic_sets.quality_ruler(clients, manifest, synthetic, global_test_set=None)
     hospitals = synthetic_sets.client_data(clients)
     rows = []
     for n_steps, w, temp in settings:

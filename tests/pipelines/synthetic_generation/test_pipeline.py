@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from matplotlib.figure import Figure
 
+from fedmic_pipeline import synthetic_sets
 from fedmic_pipeline.core.synthesis import SynthesisPlan, client_count_matrix, generator_from_record, state_sha256
 from fedmic_pipeline.datasets.npz_dataset import load_npz
 from fedmic_pipeline.pipelines.data_partition import nodes as partition_nodes
@@ -49,6 +51,7 @@ def tiny_synthetic_params(**overrides) -> dict:
     params = yaml.safe_load((ROOT / "conf/base/parameters_synthetic_generation.yml").read_text())
     s = params["synthetic"]
     s["num_threads"] = 1  # parallel test workers get one thread each
+    s["cache_dir"] = None  # tests opt in with a temporary folder
     s["generator"].update(rounds=2, local_epochs=1, batch_size=32, model_options={"latent_dim": 4, "widths": [8, 16], "embed_dim": 4})
     s["plan"].update(max_per_client=30, min_cell_support=3)
     s["quality"].update(encoder_epochs=1, classifier_epochs=1, batch_size=32, model_options={"widths": [4, 8, 8], "feature_dim": 8},
@@ -175,6 +178,37 @@ def test_bad_parameters_fail_before_any_work(partition):
         nodes.compute_synthesis_plan(loaders(clients), manifest, params)
 
 
+def test_the_stage_reuses_the_generator_ruler_and_report_and_recomputes_what_changed(partition, tmp_path):
+    clients, global_test, manifest = partition
+    synthetic = {**tiny_synthetic_params()["synthetic"], "cache_dir": str(tmp_path / "cache")}
+    record, summary = synthetic_sets.train_generator(clients, manifest, synthetic)
+    quality = synthetic_sets.measure_quality(record, clients, global_test, manifest, synthetic)
+    assert summary["cache"]["reused"] is False
+    kinds = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert kinds == ["generator", "quality", "quality_ruler"]
+
+    record_again, summary_again = synthetic_sets.train_generator(clients, manifest, synthetic)
+    assert summary_again["cache"] == {"key": summary["cache"]["key"], "reused": True}
+    assert record_again["sha256"] == record["sha256"]
+    assert all(torch.equal(record_again["state_dict"][k], v) for k, v in record["state_dict"].items())
+    assert json.dumps(synthetic_sets.measure_quality(record_again, clients, global_test, manifest, synthetic)) == json.dumps(quality)
+
+    # one more round: a new generator and a new report, scored by the ruler already fitted
+    longer = {**synthetic, "generator": {**synthetic["generator"], "rounds": 3}}
+    record_longer, summary_longer = synthetic_sets.train_generator(clients, manifest, longer)
+    assert summary_longer["cache"]["reused"] is False and record_longer["sha256"] != record["sha256"]
+    synthetic_sets.measure_quality(record_longer, clients, global_test, manifest, longer)
+    kinds = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert kinds == ["generator", "generator", "quality", "quality", "quality_ruler"]
+
+    # one training pixel changed: the old entries do not apply
+    edited = {name: dict(arrays) for name, arrays in clients.items()}
+    first = sorted(edited)[0]
+    edited[first]["train_images"] = edited[first]["train_images"].copy()
+    edited[first]["train_images"][0, 0, 0] ^= 1
+    assert synthetic_sets.train_generator(edited, manifest, synthetic)[1]["cache"]["reused"] is False
+
+
 # ---- the data gate (Great Expectations) --------------------------------------------------------
 
 @pytest.mark.slow
@@ -230,7 +264,9 @@ def test_kedro_run_writes_gated_sets_reports_and_grid(partition, tmp_path, monke
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    project = _make_project(tmp_path, partition, tiny_synthetic_params())
+    params = tiny_synthetic_params()
+    params["synthetic"]["cache_dir"] = "data/09_cache/synthetic"
+    project = _make_project(tmp_path, partition, params)
     monkeypatch.chdir(project)  # relative paths (data docs, mlflow.db) stay in the temp project
     bootstrap_project(project)
     with KedroSession.create(project_path=project) as session:
@@ -254,6 +290,17 @@ def test_kedro_run_writes_gated_sets_reports_and_grid(partition, tmp_path, monke
     assert (project / "data/08_reporting/synthetic/quality_table.csv").read_text().startswith("reference,section,scope")
     assert (project / "data/08_reporting/synthetic/sample_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (project / "data/05_model_input/synthetic_generator.pt").is_file()
+
+    # the same inputs again: nothing retrained, every published byte the same
+    outputs = [*files, project / "data/05_model_input/synthetic_manifest.json", project / "data/08_reporting/synthetic/quality.json"]
+    first = {path: path.read_bytes() for path in outputs}
+    with KedroSession.create(project_path=project) as session:
+        session.run(pipeline_names=["synthetic_generation"])
+    training = json.loads((project / "data/08_reporting/synthetic/generator_training.json").read_text())
+    assert training["cache"]["reused"] is True
+    assert {path: path.read_bytes() for path in outputs} == first
+    log = (project / "logs/info.log").read_text()
+    assert "result cache: reusing generator" in log and "time by stage (its nodes' wall time): synthetic_generation" in log
 
 
 # ---- DVC: the `synthesize` stage ------------------------------------------------------------------

@@ -62,35 +62,58 @@ def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return torch.cdist(tx, ty, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
 
 
+def _pair_distances(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Squared distances within x, within y and between them, each pair computed once: the
+    bandwidth, MMD and every k of the k-NN metrics read the same three matrices (each pair's
+    value does not depend on which matrix holds it, so the results equal separate calls')."""
+    return _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
+
+
+def _median_of_pairs(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray) -> float:
+    """The median distance over the distinct pairs of the pooled sample: within-set pairs
+    once (upper triangles) and every cross pair."""
+    distinct = np.concatenate([xx[np.triu_indices(xx.shape[0], k=1)], yy[np.triu_indices(yy.shape[0], k=1)], xy.ravel()])
+    med = float(np.sqrt(np.median(distinct))) if distinct.size else 0.0
+    return med if med > 0 else 1.0
+
+
 def median_bandwidth(a: Any, b: Any) -> float:
     """The median heuristic: median pairwise Euclidean distance of the pooled sample
     (distinct pairs only); 1.0 when every distance is 0."""
-    pooled = np.concatenate([_as_features(a, "a"), _as_features(b, "b")])
-    d2 = _sq_dists(pooled, pooled)
-    iu = np.triu_indices(pooled.shape[0], k=1)
-    med = float(np.sqrt(np.median(d2[iu]))) if iu[0].size else 0.0
-    return med if med > 0 else 1.0
+    return _median_of_pairs(*_pair_distances(_as_features(a, "a"), _as_features(b, "b")))
+
+
+def _mmd_of_pairs(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray, bandwidth: float) -> float:
+    m, n = xx.shape[0], yy.shape[0]
+    gamma = 1.0 / (2.0 * bandwidth * bandwidth)
+    kxx, kyy, kxy = (np.exp(-gamma * d) for d in (xx, yy, xy))
+    term_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+    term_y = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    return float(term_x + term_y - 2.0 * kxy.mean())
 
 
 def mmd_rbf(a: Any, b: Any, bandwidth: float | None = None) -> tuple[float, float]:
     """(unbiased MMD^2, bandwidth) with an RBF kernel; bandwidth by the median heuristic
     unless given."""
     x, y = _as_features(a, "a"), _as_features(b, "b")
-    m, n = x.shape[0], y.shape[0]
-    if m < 2 or n < 2:
-        raise ValueError(f"mmd_rbf needs >= 2 points per set, got {m}, {n}.")
-    s = float(bandwidth) if bandwidth is not None else median_bandwidth(x, y)
-    gamma = 1.0 / (2.0 * s * s)
-    kxx, kyy, kxy = (np.exp(-gamma * _sq_dists(p, q)) for p, q in ((x, x), (y, y), (x, y)))
-    term_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    term_y = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-    return float(term_x + term_y - 2.0 * kxy.mean()), s
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"mmd_rbf needs >= 2 points per set, got {x.shape[0]}, {y.shape[0]}.")
+    pairs = _pair_distances(x, y)
+    s = float(bandwidth) if bandwidth is not None else _median_of_pairs(*pairs)
+    return _mmd_of_pairs(*pairs, s), s
 
 
-def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
-    d = np.sqrt(_sq_dists(x, x))
+def _kth_radius(within: np.ndarray, k: int) -> np.ndarray:
+    d = np.sqrt(within)
     np.fill_diagonal(d, np.inf)
     return np.partition(d, k - 1, axis=1)[:, k - 1]
+
+
+def _knn_of_pairs(rr: np.ndarray, ff: np.ndarray, rf: np.ndarray, k: int) -> tuple[float, float]:
+    cross = np.sqrt(rf.T)  # (n_fake, n_real)
+    precision = float(np.mean((cross <= _kth_radius(rr, k)[None, :]).any(axis=1)))
+    recall = float(np.mean((cross <= _kth_radius(ff, k)[:, None]).any(axis=0)))
+    return precision, recall
 
 
 def knn_precision_recall(real: Any, fake: Any, k: int = 3) -> tuple[float, float]:
@@ -98,10 +121,7 @@ def knn_precision_recall(real: Any, fake: Any, k: int = 3) -> tuple[float, float
     r, f = _as_features(real, "real"), _as_features(fake, "fake")
     if r.shape[0] <= k or f.shape[0] <= k:
         raise ValueError(f"knn_precision_recall with k={k} needs more than k points per set, got {r.shape[0]}, {f.shape[0]}.")
-    cross = np.sqrt(_sq_dists(f, r))  # (n_fake, n_real)
-    precision = float(np.mean((cross <= _kth_radius(r, k)[None, :]).any(axis=1)))
-    recall = float(np.mean((cross <= _kth_radius(f, k)[:, None]).any(axis=0)))
-    return precision, recall
+    return _knn_of_pairs(*_pair_distances(r, f), k)
 
 
 def _subsample(x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -117,10 +137,14 @@ def distribution_metrics(
     rng = np.random.default_rng([seed, SUBSAMPLE_STREAM])
     out: dict[str, Any] = {"n_real": int(real.shape[0]), "n_fake": int(fake.shape[0]), "fd": frechet_distance(real, fake)}
     r, f = _subsample(real, max_samples, rng), _subsample(fake, max_samples, rng)
-    out["mmd2"], out["mmd_bandwidth"] = mmd_rbf(r, f)
+    if min(r.shape[0], f.shape[0]) < 2:
+        raise ValueError(f"mmd_rbf needs >= 2 points per set, got {r.shape[0]}, {f.shape[0]}.")
+    pairs = _pair_distances(r, f)
+    bandwidth = _median_of_pairs(*pairs)
+    out["mmd2"], out["mmd_bandwidth"] = _mmd_of_pairs(*pairs, bandwidth), bandwidth
     for k in knn_k:
         if min(r.shape[0], f.shape[0]) > k:
-            out[f"precision_k{k}"], out[f"recall_k{k}"] = knn_precision_recall(r, f, k)
+            out[f"precision_k{k}"], out[f"recall_k{k}"] = _knn_of_pairs(*pairs, k)
         else:
             out[f"precision_k{k}"] = out[f"recall_k{k}"] = None
     return out
