@@ -10,7 +10,7 @@
   declared there would fail every run of a checkout without a ``logs/`` folder; the hook
   creates the folder and attaches the handler for the length of the run;
 * ``StageTimer`` (a second hook) logs each node's wall time and, at the end of the run, the
-  time of every stage (the nodes of one pipeline tag, Kedro's start-up excluded): the cost of
+  time of every stage (the nodes of one registered pipeline, Kedro's start-up excluded): the cost of
   a stage inside `make run` is read there, not from a stand-alone run's wall clock;
 * when the run fails on an input error (a parameter, a missing or damaged input file:
   ``INPUT_ERRORS``), the traceback goes to the log file only and the terminal gets one
@@ -147,16 +147,25 @@ class _ParagraphExcepthook:
 
 
 class StageTimer:
-    """Wall time per node and per stage (pipeline tag) of a sequential run, in the log."""
+    """Wall time per node and per stage (the registered pipeline a node belongs to, first in
+    registry order) of a sequential run, in the log."""
 
     def __init__(self) -> None:
         self._started: dict[str, float] = {}
         self._stages: dict[str, float] = defaultdict(float)
+        self._stage_of: dict[str, str] = {}
 
     @hook_impl
     def before_pipeline_run(self) -> None:
+        from kedro.framework.project import pipelines  # the project's registry, loaded by now
+
         self._started.clear()
         self._stages.clear()
+        self._stage_of = {}
+        for name, registered in pipelines.items():
+            if name != "__default__":
+                for node in registered.nodes:
+                    self._stage_of.setdefault(node.name, name)
 
     @hook_impl
     def before_node_run(self, node: Node) -> None:
@@ -165,8 +174,7 @@ class StageTimer:
     @hook_impl
     def after_node_run(self, node: Node) -> None:
         seconds = time.perf_counter() - self._started.pop(node.name, time.perf_counter())
-        for tag in node.tags or {"untagged"}:
-            self._stages[tag] += seconds
+        self._stages[self._stage_of.get(node.name, "other")] += seconds
         logger.info("node %s: %.1f s", node.name, seconds)
 
     @hook_impl
