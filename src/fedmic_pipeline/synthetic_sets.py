@@ -190,7 +190,7 @@ def train_generator(clients: Clients, manifest: Mapping[str, Any], synthetic: Ma
         {k: synthetic.get(k) for k in ("enabled", "seed", "device", "generator")},
     )  # fmt: skip
     cached = _cache(synthetic).get("generator", key)
-    if cached is not None and cached["record"].get("sha256") == state_sha256(generator_from_record(cached["record"])):
+    if cached is not None and cached["record"].get("sha256") == state_sha256(cached["record"]["state_dict"]):
         return cached["record"], {**cached["summary"], "cache": {"key": key, "reused": True}}
     config = GeneratorTrainingConfig.from_params(synthetic["generator"])
     if not synthetic["enabled"]:
@@ -326,14 +326,27 @@ def _float_images(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
 
 
+def _ruler_key(arrays: Mapping[str, Arrays], manifest: Mapping[str, Any], synthetic: Mapping[str, Any],
+               global_test_set: Mapping[str, np.ndarray] | None) -> str:
+    """The result-cache key of the quality ruler: every real image and label it reads, the
+    quality parameters and the seed (from the uint8 arrays, before any float conversion)."""
+    names, held = _devices(manifest)
+    test_inputs = None if global_test_set is None else {k: np.asarray(v) for k, v in global_test_set.items()}
+    return content_key(
+        "quality_ruler", _client_inputs(arrays, ("train_images", "train_labels", "val_images", "val_labels", "device")),
+        test_inputs, names, held, _n_classes(manifest), QualityConfig.from_params(synthetic.get("quality", {})).as_dict(),
+        int(synthetic["seed"]),
+    )  # fmt: skip
+
+
 def quality_ruler(
     clients: Clients, manifest: Mapping[str, Any], synthetic: Mapping[str, Any], global_test_set: Mapping[str, np.ndarray] | None
-) -> tuple[QualityRuler, int, str]:
-    """The generator-independent half of the quality step on this partition, the image
-    layout and the ruler's cache key: encoder, real features and references ``validation``
-    (the hospitals' local validation splits pooled per device) and ``test`` (the global
-    test set per device; left out when ``global_test_set`` is None, as when choosing
-    settings). Fitted once per set of inputs: later runs restore it from the result cache."""
+) -> tuple[QualityRuler, int]:
+    """The generator-independent half of the quality step on this partition (and the image
+    layout): encoder, real features and references ``validation`` (the hospitals' local
+    validation splits pooled per device) and ``test`` (the global test set per device;
+    left out when ``global_test_set`` is None, as when choosing settings). Fitted once per
+    set of inputs: later runs restore it from the result cache."""
     names, held = _devices(manifest)
     n_classes = _n_classes(manifest)
     arrays = _load_clients(clients)
@@ -361,17 +374,12 @@ def quality_ruler(
                 raise ConfigurationError(f"global_test_set lacks '{key}'; re-run the data_partition pipeline.")
             references["test"][d] = (_float_images(global_test_set[key]), y_test)
     config = QualityConfig.from_params(synthetic.get("quality", {}))
-    test_inputs = None if global_test_set is None else {k: np.asarray(v) for k, v in global_test_set.items()}
-    key = content_key(
-        "quality_ruler", _client_inputs(arrays, ("train_images", "train_labels", "val_images", "val_labels", "device")),
-        test_inputs, names, held, n_classes, config.as_dict(), int(synthetic["seed"]),
-    )  # fmt: skip
-    cache = _cache(synthetic)
+    key, cache = _ruler_key(arrays, manifest, synthetic, global_test_set), _cache(synthetic)
     fitted = cache.get("quality_ruler", key)
     ruler = QualityRuler((x_train, c_train, d_train), references, n_classes, len(names), held, config, int(synthetic["seed"]), fitted=fitted)
     if fitted is None:
         cache.put("quality_ruler", key, ruler.fitted_state())
-    return ruler, layout, key
+    return ruler, layout
 
 
 def measure_quality(
@@ -381,7 +389,8 @@ def measure_quality(
     """FD, MMD, k-NN precision/recall and CAS (see core/synthesis/quality.py) against the
     validation and the test reference, as JSON with device and class names;
     ``{"enabled": False, ...}`` when no generator was trained. The report of a generator
-    already scored by the same ruler is reused from the result cache."""
+    already scored by the same ruler is reused from the result cache (the ruler is then not
+    even restored)."""
     _check_params(synthetic)
     _threads(synthetic)
     names, held = _devices(manifest)
@@ -389,11 +398,14 @@ def measure_quality(
     if not synthetic["enabled"] or not generator.get("trained", False):
         return {"enabled": False, "reason": "synthetic.enabled is false: no generator was trained"}
     start = time.perf_counter()
-    ruler, layout, ruler_key = quality_ruler(clients, manifest, synthetic, global_test_set)
-    key = content_key("quality", ruler_key, generator["sha256"], generator["architecture"], generator["kwargs"], layout)
+    arrays = _load_clients(clients)
+    _, layout = _spec(arrays, len(class_names))
+    key = content_key("quality", _ruler_key(arrays, manifest, synthetic, global_test_set), generator["sha256"],
+                      generator["architecture"], generator["kwargs"], layout)  # fmt: skip
     cache = _cache(synthetic)
     result = cache.get("quality", key)
     if result is None:
+        ruler, _ = quality_ruler(arrays, manifest, synthetic, global_test_set)
         result = _name_devices(ruler.score(generator_from_record(generator), layout), names, class_names)
         result.update({
             "enabled": True,

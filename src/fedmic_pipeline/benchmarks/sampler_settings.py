@@ -78,7 +78,7 @@ def run(settings: Sequence[tuple[int, float, float]], threads: int, root: Path) 
             "synthetic.generator.cond_dropout=0.1"
         )
     noise_fitted = bool(base.noise_std.abs().sum() > 0)
-    ruler, layout, _ = synthetic_sets.quality_ruler(clients, manifest, synthetic, global_test_set=None)
+    ruler, layout = synthetic_sets.quality_ruler(clients, manifest, synthetic, global_test_set=None)
     hospitals = synthetic_sets.client_data(clients)
     rows = []
     for n_steps, w, temp in settings:

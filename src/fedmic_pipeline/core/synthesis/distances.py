@@ -83,6 +83,11 @@ def median_bandwidth(a: Any, b: Any) -> float:
     return _median_of_pairs(*_pair_distances(_as_features(a, "a"), _as_features(b, "b")))
 
 
+def _require_two_per_set(x: np.ndarray, y: np.ndarray) -> None:
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"mmd_rbf needs >= 2 points per set, got {x.shape[0]}, {y.shape[0]}.")
+
+
 def _mmd_of_pairs(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray, bandwidth: float) -> float:
     m, n = xx.shape[0], yy.shape[0]
     gamma = 1.0 / (2.0 * bandwidth * bandwidth)
@@ -96,8 +101,7 @@ def mmd_rbf(a: Any, b: Any, bandwidth: float | None = None) -> tuple[float, floa
     """(unbiased MMD^2, bandwidth) with an RBF kernel; bandwidth by the median heuristic
     unless given."""
     x, y = _as_features(a, "a"), _as_features(b, "b")
-    if x.shape[0] < 2 or y.shape[0] < 2:
-        raise ValueError(f"mmd_rbf needs >= 2 points per set, got {x.shape[0]}, {y.shape[0]}.")
+    _require_two_per_set(x, y)
     pairs = _pair_distances(x, y)
     s = float(bandwidth) if bandwidth is not None else _median_of_pairs(*pairs)
     return _mmd_of_pairs(*pairs, s), s
@@ -137,8 +141,7 @@ def distribution_metrics(
     rng = np.random.default_rng([seed, SUBSAMPLE_STREAM])
     out: dict[str, Any] = {"n_real": int(real.shape[0]), "n_fake": int(fake.shape[0]), "fd": frechet_distance(real, fake)}
     r, f = _subsample(real, max_samples, rng), _subsample(fake, max_samples, rng)
-    if min(r.shape[0], f.shape[0]) < 2:
-        raise ValueError(f"mmd_rbf needs >= 2 points per set, got {r.shape[0]}, {f.shape[0]}.")
+    _require_two_per_set(r, f)
     pairs = _pair_distances(r, f)
     bandwidth = _median_of_pairs(*pairs)
     out["mmd2"], out["mmd_bandwidth"] = _mmd_of_pairs(*pairs, bandwidth), bandwidth

@@ -143,6 +143,12 @@ class QualityConfig:
 # ---------------------------------------------------------------------------------------
 
 
+def _student_cnn(x: torch.Tensor, num_outputs: int, config: QualityConfig, seed: int) -> nn.Module:
+    """The untrained evaluation CNN for images like ``x`` (NHWC weights)."""
+    spec = DataSpec(in_channels=int(x.shape[1]), num_classes=int(num_outputs), image_size=int(x.shape[-1]))
+    return build_model("student_cnn", spec, seed=seed, channels_last=True, **config.model_options)
+
+
 def train_classifier(
     x: torch.Tensor, y: torch.Tensor, num_outputs: int, config: QualityConfig, seed: int, epochs: int
 ) -> nn.Module:
@@ -150,8 +156,7 @@ def train_classifier(
     Its weights are NHWC (``channels_last``, as in federated training): 1.4x faster on the CPU."""
     if int(y.shape[0]) < 2:
         raise ConfigurationError(f"Cannot train a quality classifier on {int(y.shape[0])} images.")
-    spec = DataSpec(in_channels=int(x.shape[1]), num_classes=int(num_outputs), image_size=int(x.shape[-1]))
-    model = build_model("student_cnn", spec, seed=seed, channels_last=True, **config.model_options)
+    model = _student_cnn(x, num_outputs, config, seed)
     optimizer = make_optimizer(model.parameters(), "sgd", config.lr, momentum=config.momentum)
     ctx = RoundContext(round=0, num_rounds=1, seed=seed, device=torch.device("cpu"))
     stats = train_local(model, (x, y), epochs, config.batch_size, optimizer, make_generator(seed, 0), ctx)
@@ -327,8 +332,7 @@ class QualityRuler:
     def _restore(self, fitted: Mapping[str, Any], x_train: torch.Tensor) -> None:
         if set(fitted.get("f_reference", {})) != set(self.references) or int(fitted["f_train"].shape[0]) != int(x_train.shape[0]):
             raise ConfigurationError("QualityRuler: the fitted state was built on other references or another training set.")
-        spec = DataSpec(in_channels=int(x_train.shape[1]), num_classes=self.num_classes * self.num_devices, image_size=int(x_train.shape[-1]))
-        self.encoder = build_model("student_cnn", spec, seed=derive_seed(self.seed, _ENCODER), channels_last=True, **self.config.model_options)
+        self.encoder = _student_cnn(x_train, self.num_classes * self.num_devices, self.config, derive_seed(self.seed, _ENCODER))
         self.encoder.load_state_dict(fitted["encoder"])
         self.encoder.eval()
         self.f_train = fitted["f_train"].numpy()
