@@ -36,7 +36,7 @@ What it does (``LoopbackFederation``):
   (see ``prepare_app_dir``);
 * tears everything down -- on success, on error and on Ctrl-C/SIGTERM -- by signalling
   the process groups (SIGTERM, then SIGKILL) and checking with psutil that no process it
-  started (or any descendant) is left.
+  started (or any descendant) is left (``processes.DeploymentProcesses``).
 
 Logs of every process are in ``<work-dir>/logs``.
 """
@@ -64,6 +64,7 @@ from typing import Any
 from ..telemetry import TELEMETRY_OFF
 from . import task
 from .certificates import CertificateError, FederationCredentials, create_credentials, create_node_key
+from .processes import DeploymentProcesses, Process, log_tail
 from .site_supernode import AppApprovalError, fab_sha256, write_approved_apps
 
 __all__ = ["FlowerRunResult", "LoopbackFederation", "flower_env", "format_run_config", "main", "prepare_app_dir"]
@@ -181,14 +182,6 @@ class FlowerRunResult:
         return "no-summary" if self.summary is None else str(self.summary.get("status"))
 
 
-@dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    descendants: set[int] = field(default_factory=set)
-
-
 class LoopbackFederation:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (see the module docstring).
 
@@ -255,37 +248,17 @@ class LoopbackFederation:
 
             # Flower retries a not-yet-pushed object after 1 s, 2 s, ...; on loopback 50 ms
             self.env.setdefault(PULL_BACKOFF_ENV, "0.05")
-        self.node_executors: dict[int, _Proc] = {}
+        self.processes = DeploymentProcesses(self.project_dir, self.env, self.logs_dir, ("FLWR_HOME", str(self.flwr_home)))
+        self.node_executors: dict[int, Process] = {}
         self.app_sha256: str | None = None
         self.port = 0
-        self.superlink: _Proc | None = None
-        self.nodes: dict[int, _Proc] = {}
-        self._all: list[_Proc] = []
+        self.superlink: Process | None = None
+        self.nodes: dict[int, Process] = {}
         self._run_numbers = itertools.count(1)  # thread-safe: runs may be started concurrently
         self._restart_numbers = itertools.count(1)
         self._started = False
 
     # -- processes ---------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str]) -> _Proc:
-        log_path = self.logs_dir / f"{name}.log"
-        handle = log_path.open("ab")
-        try:
-            popen = subprocess.Popen(  # noqa: S603 - fixed argv, our own executables
-                argv,
-                cwd=self.project_dir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: killpg reaches SuperExec and app children
-            )
-        finally:
-            handle.close()
-        proc = _Proc(name, popen, log_path)
-        self._all.append(proc)
-        logger.info("started %s (pid %d), log %s", name, popen.pid, log_path)
-        return proc
-
     def _exe(self, name: str) -> str:
         candidate = Path(sys.executable).parent / name
         found = str(candidate) if candidate.exists() else shutil.which(name, path=self.env.get("PATH"))
@@ -319,7 +292,7 @@ class LoopbackFederation:
             encoding="utf-8",
         )
         t0 = time.perf_counter()
-        self.superlink = self._spawn(
+        self.superlink = self.processes.spawn(
             "superlink",
             [
                 self._exe("flower-superlink"), *self._superlink_security_args(),
@@ -382,7 +355,7 @@ class LoopbackFederation:
             if code != 0:
                 raise RuntimeError(
                     f"Registering the SuperNode key {key} with the SuperLink failed (exit {code}); see {log_path}:\n"
-                    f"{_tail(log_path)}"
+                    f"{log_tail(log_path)}"
                 )
         logger.info("registered %d SuperNode public keys with the SuperLink", len(public_keys))
 
@@ -449,38 +422,36 @@ class LoopbackFederation:
             private_key, public_key = create_node_key(self.work_dir / "certs" / "restarts", f"supernode-{index}-{restarts}")
             self.register_node_keys([public_key])
         runtime_port = free_port()
-        self.nodes[index] = self._spawn(
+        self.nodes[index] = self.processes.spawn(
             f"supernode-{index}", self.supernode_argv(index, private_key=private_key, runtime_port=runtime_port)
         )
         if self.warm_clientapps:
-            self.node_executors[index] = self._spawn(
+            self.node_executors[index] = self.processes.spawn(
                 f"warm-superexec-{index}", self.warm_superexec_argv(index, runtime_port, self.nodes[index].popen.pid)
             )
 
-    def spawn(self, name: str, argv: list[str]) -> "_Proc":
+    def spawn(self, name: str, argv: list[str]) -> Process:
         """Start another process of this deployment (logs, environment and teardown as
         for its own), e.g. a SuperNode that should be refused."""
-        return self._spawn(name, argv)
+        return self.processes.spawn(name, argv)
 
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Kill SuperNode ``index`` and its whole process group (SuperExec, ClientApp),
         and its warm SuperExec's (with SIGKILL: the whole node is gone)."""
         proc = self.nodes[index]
-        self._remember_descendants(proc)
         logger.info("killing supernode-%d (pid %d) with signal %d", index, proc.popen.pid, sig)
-        _killpg(proc.popen.pid, sig)
+        self.processes.kill(proc, sig)
         proc.popen.wait(timeout=10)
         executor = self.node_executors.get(index)
         if executor is not None and sig == signal.SIGKILL:
-            self._remember_descendants(executor)
-            _killpg(executor.popen.pid, sig)
+            self.processes.kill(executor, sig)
             executor.popen.wait(timeout=10)
 
-    def _wait(self, ready: Any, proc: _Proc, what: str) -> None:
+    def _wait(self, ready: Any, proc: Process, what: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while not ready():
             if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log_path}:\n{_tail(proc.log_path)}")
+                raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log_path}:\n{log_tail(proc.log_path)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Timed out after {self.startup_timeout:.0f}s waiting for {what}; see {proc.log_path}.")
             time.sleep(0.2)
@@ -513,25 +484,19 @@ class LoopbackFederation:
             # virtual SuperNodes get partition-id/num-partitions from Flower; data-dir comes
             # from the run config (task.node_identity falls back to it)
             argv += ["--federation-config", f"num-supernodes={self.num_nodes} client-resources-num-cpus=1"]
-        log_path = self.logs_dir / f"flwr-run-{run_no}.log"
         logger.info("flwr run #%d: %s", run_no, format_run_config(values))
         t0 = time.perf_counter()
-        with log_path.open("wb") as handle:
-            popen = subprocess.Popen(  # noqa: S603
-                argv, cwd=self.project_dir, env=self.env, stdin=subprocess.DEVNULL, stdout=handle,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-            proc = _Proc(f"flwr-run-{run_no}", popen, log_path)
-            self._all.append(proc)
-            try:
-                returncode = popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _killpg(popen.pid, signal.SIGKILL)
-                popen.wait(timeout=10)
-                returncode = -9
-                logger.error("flwr run #%d did not finish within %.0fs; killed it.", run_no, timeout)
+        # a fresh log per run: a reused work dir must not show an earlier run's id to the regex below
+        proc = self.processes.spawn(f"flwr-run-{run_no}", argv, append_log=False)
+        try:
+            returncode = proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.processes.kill(proc, signal.SIGKILL)
+            proc.popen.wait(timeout=10)
+            returncode = -9
+            logger.error("flwr run #%d did not finish within %.0fs; killed it.", run_no, timeout)
         wall = time.perf_counter() - t0
-        output = log_path.read_text(encoding="utf-8", errors="replace")
+        output = proc.log_path.read_text(encoding="utf-8", errors="replace")
         match = re.search(r"Successfully started run (\d+)", output)
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         run_id = int(match.group(1)) if match else None
@@ -561,76 +526,16 @@ class LoopbackFederation:
         return decisions
 
     # -- teardown ----------------------------------------------------------------------
-    def _remember_descendants(self, proc: _Proc) -> None:
-        import psutil
-
-        try:
-            proc.descendants.update(c.pid for c in psutil.Process(proc.popen.pid).children(recursive=True))
-        except psutil.Error:
-            pass
-
     def pids(self) -> set[int]:
         """Every pid this federation started or saw as a descendant (for leak checks)."""
-        for proc in self._all:
-            self._remember_descendants(proc)
-        return {p.popen.pid for p in self._all} | {d for p in self._all for d in p.descendants}
-
-    def _tracked(self) -> list[Any]:
-        """Live psutil handles of every process of this deployment: those started here,
-        their descendants, and any process carrying this deployment's FLWR_HOME (Flower
-        starts the SuperLink's SuperExec in a session of its own, and that one's
-        ServerApp children with it, so process groups alone do not reach them)."""
-        import psutil
-
-        found: dict[int, Any] = {}
-        for pid in self.pids():
-            try:
-                found[pid] = psutil.Process(pid)
-            except psutil.Error:
-                continue
-        home = str(self.flwr_home)
-        for proc in psutil.process_iter(["pid"]):
-            if proc.pid in found:
-                continue
-            try:
-                if proc.environ().get("FLWR_HOME") == home:
-                    found[proc.pid] = proc
-            except psutil.Error:  # gone, or another user's process
-                continue
-        return [p for p in found.values() if _alive(p)]
+        return self.processes.pids()
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every process group, SIGKILL whatever of the deployment is left after
-        ``grace`` s, and wait until none of its processes runs."""
-        import psutil
-
-        if not self._all:
+        ``grace`` s, and wait until none of its processes runs (``processes.py``)."""
+        if not self.processes:
             return
-        tracked = self._tracked()
-        for proc in reversed(self._all):  # nodes before the SuperLink
-            if proc.popen.poll() is None:
-                _killpg(proc.popen.pid, signal.SIGTERM)
-        psutil.wait_procs(tracked, timeout=grace)
-        for attempt in range(3):
-            for proc in self._all:
-                _killpg(proc.popen.pid, signal.SIGKILL)  # also children left in the groups
-            alive = self._tracked()
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
-            if alive:
-                logger.info("killed %d processes outside the process groups: %s", len(alive), [p.pid for p in alive])
-            psutil.wait_procs(alive, timeout=5)
-            if not [p for p in alive if _alive(p)]:
-                break
-        for proc in self._all:
-            try:
-                proc.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                logger.error("%s (pid %d) survived SIGKILL", proc.name, proc.popen.pid)
-        self._all.clear()
+        self.processes.stop(grace)
         self.nodes.clear()
         self.node_executors.clear()
         self.superlink = None
@@ -658,29 +563,6 @@ def _sites_for_summary(summary: Mapping[str, Any], decisions: Mapping[int, Mappi
         str(index): {"node_id": (partitions.get(str(index)) or {}).get("node_id"), **dict(decision)}
         for index, decision in sorted(decisions.items())
     }
-
-
-def _alive(proc: Any) -> bool:
-    import psutil
-
-    try:
-        return bool(proc.is_running()) and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 # -- command line ----------------------------------------------------------------------------
