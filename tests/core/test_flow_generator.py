@@ -141,6 +141,33 @@ def test_guidance_trains_the_null_condition_and_strengthens_the_class(client_arr
     assert contrast(guided) > contrast(model) > 0
 
 
+def test_class_only_guidance_keeps_the_device_and_strengthens_the_class(client_arrays):  # noqa: F811
+    """guidance_on: class drops the class label alone, in training and in the guided null branch,
+    so the null device row stays untrained, and guidance still pushes toward the class."""
+    options = {**FLOW, "guidance_on": "class"}
+    config = GeneratorTrainingConfig(rounds=3, local_epochs=4, batch_size=16, lr=3e-3, cond_dropout=0.3, model_options=options)
+    untrained = build_generator(SPEC, N_DEVICES, seed=1, **options)
+    classes, devices = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    dropped_c, kept_d = untrained.drop_condition(classes, devices, torch.tensor([True, False, True]))
+    assert dropped_c.tolist() == [SPEC.num_classes, 1, SPEC.num_classes] and torch.equal(kept_d, devices)
+    model = train_generator_federated(_clients(client_arrays), SPEC, N_DEVICES, config, seed=1, held_out_device=HELD_OUT, num_threads=1).model
+    assert not torch.equal(model.class_embedding.weight[-1], untrained.class_embedding.weight[-1])
+    assert torch.equal(model.device_embedding.weight[-1], untrained.device_embedding.weight[-1])
+    record = generator_record(model)
+    assert record["kwargs"]["guidance_on"] == "class"
+    guided = generator_from_record({**record, "kwargs": {**record["kwargs"], "guidance": 3.0}})
+    assert guided.guidance_on == "class"
+    band = slice(5, 10)
+
+    def contrast(m) -> float:
+        x = m.sample([1] * 32, [1] * 32, torch.Generator().manual_seed(3))
+        return float(x[:, :, band].mean() - torch.cat([x[:, :, :5], x[:, :, 10:]], dim=2).mean())
+
+    assert contrast(guided) > contrast(model) > 0
+    with pytest.raises(ConfigurationError, match="guidance_on must be one of"):
+        build_generator(SPEC, N_DEVICES, seed=0, **{**FLOW, "guidance_on": "device"})
+
+
 def test_flow_device_noise_tops_up_the_noisy_device_only(trained_flow, client_arrays):  # noqa: F811
     """One hospital's device adds strong white noise the generator never learnt; the calibrated
     top-up is largest there, zero for a device nobody holds, and that device's samples come

@@ -326,7 +326,7 @@ def vae_loss(
 #: ``architecture`` option -> the options that architecture takes (besides ``architecture``).
 ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "vae": ("latent_dim", "widths", "embed_dim", "decoder"),
-    "flow_matching": ("widths", "embed_dim", "sample_steps", "guidance"),
+    "flow_matching": ("widths", "embed_dim", "sample_steps", "guidance", "guidance_on"),
 }
 _RECORD_NAMES = {"vae": GENERATOR_ARCHITECTURE, "flow_matching": "conditional_flow"}
 
@@ -337,7 +337,7 @@ def build_generator(spec: DataSpec, num_devices: int, seed: int | None = None, *
     ``architecture`` picks it: ``vae`` (the default, ``ConditionalVAE``; options
     ``latent_dim``, ``widths`` (two ints), ``embed_dim``, ``decoder``: ``transpose`` the first
     design, ``upsample`` no checkerboard) or ``flow_matching`` (``flow.ConditionalFlow``;
-    options ``widths``, ``embed_dim``, ``sample_steps``, ``guidance``); anything else is an error. With
+    options ``widths``, ``embed_dim``, ``sample_steps``, ``guidance``, ``guidance_on``); anything else is an error. With
     ``seed`` the initial weights come from a forked RNG seeded with it (the global RNG is
     untouched), so the same seed gives bit-identical weights.
     """
