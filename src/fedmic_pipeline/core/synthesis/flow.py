@@ -35,7 +35,9 @@ on the samples recalls 0.59 of that device's real pneumonia). ``class``: trainin
 class label only, keeping the device, and sampling follows
 v(none, d) + w (v(c, d) - v(none, d)): the finding is strengthened within the device, whose
 character stays at the conditional model's strength (the device-noise top-up restores its
-noise either way).
+noise either way). Measured, ``class`` is worse (docs/results/fedssg/guidance_target.md:
+validation FD 17.9 at its best guidance against 13.6): unguided, the high-contrast device's
+samples lose its contrast, so the device guidance is what makes that device recognisable.
 
 Device noise (``synthetic.generator.device_noise``, ``sampler.fit_flow_noise``): at the CPU
 sizes the flow smooths a noisy device's white noise away (high-frequency energy of its
